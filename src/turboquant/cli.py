@@ -1,0 +1,190 @@
+"""`turboquant` command line: the commands a person and dvc.yaml run.
+
+Every failure a user can cause prints one line naming the problem and the fix and exits non-zero; outputs are
+written under a temporary name and renamed at the end, so a failed command leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from turboquant.errors import ConfigError, TurboQuantError
+
+app = typer.Typer(
+    name="turboquant",
+    help="Quantize causal LMs into validated, reproducible artifacts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"turboquant: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"the disk is full{where}. Fix: free space or choose another --out location."
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}. Fix: choose a writable location or fix its permissions."
+    return f"{e.strerror or e}{where}. Fix: check the path and try again."
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into one line on stderr and a non-zero exit (traceback with TURBOQUANT_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except TurboQuantError as e:
+            if os.environ.get("TURBOQUANT_DEBUG"):
+                raise
+            _fail(str(e), EXIT_USER_ERROR)
+        except OSError as e:
+            if os.environ.get("TURBOQUANT_DEBUG"):
+                raise
+            _fail(_os_error_line(e), EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            _fail("interrupted; no partial output was kept", 130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence for an unattended job
+            if os.environ.get("TURBOQUANT_DEBUG"):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            _fail(f"internal error {type(e).__name__}: {first}. Fix: rerun with TURBOQUANT_DEBUG=1 and report it.",
+                  EXIT_INTERNAL)
+
+    return wrapper
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true/false), else kept as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"option '{pair}' is not key=value", "write options as --option key=value")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+def build_config(method: str, bits: int | None, group_size: int | None, sym: bool | None, options: list[str]):
+    """A validated method config from CLI flags; scheme flags are refused for methods without a scheme."""
+    from dataclasses import fields
+
+    from turboquant.methods import get_method
+
+    spec = get_method(method)
+    values = parse_options(options)
+    names = {f.name for f in fields(spec.config_cls)}
+    for key, value in (("bits", bits), ("group_size", group_size), ("symmetric", sym)):
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"method '{method}' takes no --{key.replace('_', '-')}", "drop that flag")
+        values[key] = value
+    return spec.config_cls.from_dict(values)
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: str = typer.Argument(..., help="Local model directory or Hub repo id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (canonical quantized checkpoint)."),
+    method: str = typer.Option("rtn", help="Quantization method (see `turboquant methods`)."),
+    bits: Optional[int] = typer.Option(None, help="Weight bits, 2-8 (default 4)."),
+    group_size: Optional[int] = typer.Option(None, help="Group size: 32/64/128/..., -1 per-channel, 0 per-tensor."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric codes."),
+    option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), e.g. mse_clip=true."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) to pin."),
+    allow_pickle: bool = typer.Option(False, help="Allow loading pickle (*.bin) checkpoints you trust."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    progress: bool = typer.Option(True, help="Show a progress bar per decoder block."),
+) -> None:
+    """Quantize MODEL with one method and scheme into a canonical checkpoint that every exporter reads."""
+    from turboquant.quantize import quantize as run_quantize
+
+    cfg = build_config(method, bits, group_size, sym, option)
+    path = run_quantize(model, cfg, out, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
+                        progress=progress and sys.stderr.isatty())
+    typer.echo(f"wrote {path}")
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    model: str = typer.Argument(..., help="Model directory, Hub repo id, or quantized checkpoint directory."),
+    text: Path = typer.Option(..., help="Evaluation text file (e.g. WikiText-2 wiki.test.raw)."),
+    ctx: int = typer.Option(512, help="Window length in tokens (capped at the model's context)."),
+    stride: Optional[int] = typer.Option(None, help="Window stride (default: ctx, non-overlapping)."),
+    baseline: Optional[str] = typer.Option(None, help="Unquantized model to compare against (KL, top-1)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first N tokens of the text."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """Perplexity of MODEL on TEXT; with --baseline also KL divergence and top-1 agreement."""
+    from turboquant.evaluate import evaluate_paths, write_json
+    from turboquant.model import resolve_model
+
+    model_dir = resolve_model(model).path
+    base_dir = resolve_model(baseline).path if baseline else None
+    result = evaluate_paths(model_dir, text, ctx=ctx, stride=stride, baseline=base_dir, max_tokens=max_tokens,
+                            progress=sys.stderr.isatty())
+    line = f"ppl {result.ppl:.4f} over {result.n_scored} tokens ({result.n_windows} windows of {result.ctx})"
+    if result.kl is not None:
+        line += (f"; baseline ppl {result.baseline_ppl:.4f} ({result.ppl_delta_pct:+.2f}%), "
+                 f"KL {result.kl:.6f}, top-1 {result.top1:.4f}")
+    typer.echo(line)
+    if json_out:
+        write_json(result, json_out)
+
+
+@app.command()
+@handle_errors
+def methods() -> None:
+    """List the registered quantization methods."""
+    from turboquant.methods import METHODS
+
+    for name, spec in sorted(METHODS.items()):
+        typer.echo(f"{name:10s} {spec.description}")
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Working directory for the demo's outputs."),
+    model: Optional[Path] = typer.Option(None, help="Model to use (default: ../shared/models/tq-ref-llama, "
+                                                   "else a tiny Llama the demo builds)."),
+    text: Optional[Path] = typer.Option(None, help="Evaluation text (default: ../shared/data/heldout/all.txt)."),
+    max_tokens: int = typer.Option(16384, help="Tokens of the text to evaluate on."),
+) -> None:
+    """Quantize the bundled example with several methods and schemes and print a results table."""
+    from turboquant.demo import run_demo
+
+    run_demo(out, model, text, max_tokens)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

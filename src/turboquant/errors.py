@@ -1,0 +1,31 @@
+"""Errors a user can hit: each names the problem and the fix, and renders as one line."""
+
+from __future__ import annotations
+
+
+class TurboQuantError(Exception):
+    """A bad input or a refused operation, with the fix a user should apply.
+
+    The CLI prints ``str(error)`` as a single line and exits non-zero; the API raises it as is.
+    """
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem = problem.rstrip(".")
+        self.fix = fix.rstrip(".")
+        super().__init__(f"{self.problem}. Fix: {self.fix}.")
+
+
+class ConfigError(TurboQuantError, ValueError):
+    """A method config, scheme or plan that cannot be valid."""
+
+
+class ModelLoadError(TurboQuantError):
+    """A checkpoint that cannot be read safely or is of an unsupported kind."""
+
+
+class DataError(TurboQuantError):
+    """Evaluation or calibration data that cannot be used."""
+
+
+class OutputError(TurboQuantError):
+    """An output location that cannot be written."""

@@ -1,0 +1,205 @@
+"""Perplexity, and KL divergence / top-1 agreement against a baseline model.
+
+Perplexity follows the way WikiText-2 numbers are reported (and Hugging Face's perplexity guide): the text file is
+tokenized whole, cut into full windows of ``ctx`` tokens starting every ``stride`` tokens (non-overlapping when
+``stride == ctx``; a trailing partial window is dropped), and each token is scored once, by the first window whose
+new part contains it. Within a window
+the loss is exactly transformers' shifted cross-entropy, so ``exp(mean NLL)`` equals what ``model(labels=...)``
+reports on the same windows.
+
+KL divergence is the mean over scored tokens of ``KL(P_baseline || P_quantized)`` of the next-token distributions,
+as llama.cpp's ``--kl-divergence`` reports it; top-1 agreement is how often both models' argmax tokens agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import torch
+from tqdm.auto import tqdm
+
+from turboquant.checkpoint import METADATA_FILE, QuantizedCheckpoint
+from turboquant.errors import DataError
+from turboquant.model import build_skeleton, materialize, open_model
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[begin, end)`` go into the model; the last ``n_scored`` of them (minus the first) are scored."""
+
+    begin: int
+    end: int
+    n_new: int
+
+
+def windows(n_tokens: int, ctx: int, stride: int | None = None) -> list[Window]:
+    """Evaluation windows over a token stream: full ``ctx``-token windows every ``stride`` tokens.
+
+    A trailing partial window is dropped, as GPTQ's and llama.cpp's perplexity tools do (a text shorter than one
+    window is scored as a single window); with ``stride < ctx`` each window scores only its new tokens.
+    """
+    stride = stride or ctx
+    if ctx < 2:
+        raise DataError(f"context length {ctx} is too short", "pass --ctx of at least 2 tokens")
+    if not 0 < stride <= ctx:
+        raise DataError(f"stride {stride} must be in 1..ctx ({ctx})", "pass --stride between 1 and --ctx")
+    if n_tokens < 2:
+        return []
+    if n_tokens < ctx:
+        return [Window(0, n_tokens, n_tokens)]
+    out: list[Window] = []
+    prev_end = 0
+    for begin in range(0, n_tokens - ctx + 1, stride):
+        end = begin + ctx
+        out.append(Window(begin, end, end - prev_end))
+        prev_end = end
+    return out
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation measured; ``baseline_*``, ``kl`` and ``top1`` only when a baseline was given."""
+
+    ppl: float
+    nll: float
+    n_scored: int
+    n_windows: int
+    ctx: int
+    stride: int
+    text: str
+    baseline_ppl: float | None = None
+    ppl_delta_pct: float | None = None
+    kl: float | None = None
+    kl_p99: float | None = None
+    top1: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist", "pass an existing UTF-8 text file with --text")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text", "convert it to UTF-8") from None
+    if not text.strip():
+        raise DataError(f"text file {path} is empty", "pass a file with evaluation text")
+    return text
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise DataError(
+            f"no usable tokenizer in {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+            "copy the model's tokenizer files (tokenizer.json, tokenizer_config.json) next to its config.json",
+        ) from None
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids ``[N]`` of the whole text (with the tokenizer's BOS, if it adds one)."""
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> torch.nn.Module:
+    """A model ready for evaluation: an HF directory, or a canonical quantized checkpoint dequantized."""
+    path = Path(path)
+    if (path / METADATA_FILE).is_file():
+        return QuantizedCheckpoint.open(path).load_model(dtype)
+    opened = open_model(path, allow_pickle=allow_pickle)
+    model = build_skeleton(opened.source.path, dtype=dtype)
+    materialize(model, opened.checkpoint.load(opened.checkpoint.names()), dtype=dtype)
+    return model
+
+
+def model_context(model: torch.nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _window_logits(model: torch.nn.Module, ids: torch.Tensor, w: Window) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities for the scored positions of window ``w`` and the tokens they predict."""
+    chunk = ids[w.begin : w.end].unsqueeze(0)
+    logits = model(chunk).logits[0, :-1].float()
+    targets = chunk[0, 1:]
+    keep = min(w.n_new, targets.numel())
+    return torch.log_softmax(logits[-keep:], dim=-1), targets[-keep:]
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    ctx: int = 512,
+    stride: int | None = None,
+    baseline: torch.nn.Module | None = None,
+    text_name: str = "",
+    progress: bool = False,
+) -> EvalResult:
+    """Perplexity of ``model`` on token stream ``ids``; KL and top-1 against ``baseline`` when given."""
+    limit = model_context(model)
+    if limit is not None and ctx > limit:
+        ctx = limit
+    wins = windows(ids.numel(), ctx, stride)
+    if not wins:
+        raise DataError(f"the evaluation text has only {ids.numel()} tokens", "pass a longer text (at least 2 tokens)")
+    nll = base_nll = 0.0
+    n_scored = agree = 0
+    kls: list[torch.Tensor] = []
+    for w in tqdm(wins, desc="eval", unit="window", disable=not progress, leave=False):
+        logp, targets = _window_logits(model, ids, w)
+        nll -= logp.gather(1, targets[:, None]).sum().item()
+        n_scored += targets.numel()
+        if baseline is not None:
+            base_logp, _ = _window_logits(baseline, ids, w)
+            base_nll -= base_logp.gather(1, targets[:, None]).sum().item()
+            kls.append((base_logp.exp() * (base_logp - logp)).sum(-1))
+            agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    mean_nll = nll / n_scored
+    result = EvalResult(
+        ppl=math.exp(mean_nll), nll=mean_nll, n_scored=n_scored, n_windows=len(wins), ctx=ctx,
+        stride=stride or ctx, text=text_name,
+    )
+    if baseline is not None:
+        kl = torch.cat(kls).clamp_min(0)
+        result.baseline_ppl = math.exp(base_nll / n_scored)
+        result.ppl_delta_pct = 100.0 * (result.ppl / result.baseline_ppl - 1.0)
+        result.kl = kl.mean().item()
+        result.kl_p99 = torch.quantile(kl, 0.99).item() if kl.numel() > 1 else kl.item()
+        result.top1 = agree / n_scored
+    return result
+
+
+def evaluate_paths(
+    model: str | Path,
+    text: str | Path,
+    ctx: int = 512,
+    stride: int | None = None,
+    baseline: str | Path | None = None,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """``evaluate`` from paths: the tokenizer is the one stored with the (quantized) model."""
+    tokenizer = load_tokenizer(model)
+    ids = tokenize(tokenizer, read_text(text))
+    if max_tokens:
+        ids = ids[:max_tokens]
+    m = load_model(model)
+    base = load_model(baseline) if baseline is not None else None
+    if base is not None and base.config.vocab_size != m.config.vocab_size:
+        raise DataError(
+            f"baseline vocabulary ({base.config.vocab_size}) differs from the model's ({m.config.vocab_size})",
+            "compare a quantized model only against the model it was made from",
+        )
+    return evaluate(m, ids, ctx=ctx, stride=stride, baseline=base, text_name=str(text), progress=progress)
+
+
+def write_json(result: EvalResult, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,114 @@
+"""Method configs and the method registry.
+
+Every method is one module holding a frozen config dataclass (validated on construction, round-tripping through
+JSON, rejecting unknown keys) and a pure solver, registered here by a decorator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, ClassVar, Literal
+
+from turboquant.errors import ConfigError
+from turboquant.tensor import QuantScheme
+
+MethodKind = Literal["cast", "weight"]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base for method configs: JSON round trip and strict keys."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps({"method": self.method, **self.to_dict()}, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        data = {k: v for k, v in data.items() if k != "method"}
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for method '{cls.method}'",
+                f"use only {known}" if known else f"method '{cls.method}' takes no options",
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MethodConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig(MethodConfig):
+    """Options shared by every integer weight quantizer: the scheme."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        self.scheme  # validates bits / group_size / symmetric
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+
+def check_type(name: str, value: Any, expected: type | tuple[type, ...], hint: str) -> None:
+    """Refuse a config value of the wrong type (bools are not ints here)."""
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in _as_tuple(expected))
+    if not ok:
+        raise ConfigError(f"{name}={value!r} has the wrong type", hint)
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its config class, what it produces and needs, and its solver."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    description: str
+    kind: MethodKind
+    solver: Callable[..., Any]
+    needs_calibration: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str, config_cls: type[MethodConfig], description: str, kind: MethodKind, needs_calibration: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding a solver to ``METHODS`` under ``name``."""
+
+    def wrap(solver: Callable[..., Any]) -> Callable[..., Any]:
+        if name in METHODS:
+            raise RuntimeError(f"method {name!r} registered twice")
+        config_cls.method = name
+        METHODS[name] = MethodSpec(name, config_cls, description, kind, solver, needs_calibration)
+        return solver
+
+    return wrap
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method '{name}'", f"use one of {sorted(METHODS)}") from None
+
+
+def make_config(method: str, **options: Any) -> MethodConfig:
+    """Build a validated config for ``method`` from keyword options."""
+    return get_method(method).config_cls.from_dict(options)
