@@ -7,7 +7,10 @@ formats pack it into their own layouts. The conventions follow GPTQ / AutoGPTQ, 
 * symmetric schemes fix ``zero = 2**(bits-1)`` (so signed formats such as GGUF Q4_0/Q8_0 hold them exactly);
 * scales are rounded to float16 *before* codes are chosen, so every float16-scale format reproduces the
   dequantized weights bit for bit;
-* ``g_idx[i]`` is the group of input column ``i`` (GPTQ's act-order layout); without it, ``i // group_size``.
+* ``g_idx[i]`` is the group of input column ``i`` (GPTQ's act-order layout); without it, ``i // group_size``;
+* zero points are integers (uint8) for most methods; HQQ-style solvers may keep *fractional* zero points
+  (float16, still in code units). Formats with float offsets (MLX biases, GGUF Q4_1 mins) hold both; formats with
+  integer zero points (GPTQ, AWQ, compressed-tensors) refuse fractional ones.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class QuantScheme:
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Bits a packed ``[out, in]`` weight needs: codes, float16 scales and (asymmetric) ``bits``-wide zeros."""
         scale_rows = 1 if self.group_size == PER_TENSOR else out_features
-        per_scale = 16 + (0 if self.symmetric else self.bits)
+        per_scale = 16 + (0 if self.symmetric else self.bits)  # a fractional zero costs 16 bits, not bits
         return self.bits * out_features * in_features + scale_rows * self.groups(in_features) * per_scale
 
     def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
@@ -113,8 +116,9 @@ def _largest_pow2_divisor(n: int) -> int:
 class QuantizedTensor:
     """A quantized 2-D weight ``[out_features, in_features]`` in unpacked form.
 
-    ``codes``: uint8 ``[out, in]``; ``scale``: float16 ``[out, G]``; ``zero``: uint8 ``[out, G]`` (G scale
-    columns, 1 per row for per-channel; ``[1, 1]`` for per-tensor); ``g_idx``: int32 ``[in]`` or None.
+    ``codes``: uint8 ``[out, in]``; ``scale``: float16 ``[out, G]``; ``zero``: uint8 (or float16 for fractional
+    zero points) ``[out, G]`` (G scale columns, 1 per row for per-channel; ``[1, 1]`` for per-tensor);
+    ``g_idx``: int32 ``[in]`` or None.
     """
 
     codes: torch.Tensor
@@ -130,6 +134,8 @@ class QuantizedTensor:
         rows = 1 if self.scheme.group_size == PER_TENSOR else out_f
         if self.codes.dtype != torch.uint8:
             raise ValueError(f"codes must be uint8, got {self.codes.dtype}")
+        if self.zero.dtype not in (torch.uint8, torch.float16):
+            raise ValueError(f"zero must be uint8 or float16, got {self.zero.dtype}")
         if tuple(self.scale.shape) != (rows, groups) or self.zero.shape != self.scale.shape:
             raise ValueError(
                 f"scale/zero shapes {tuple(self.scale.shape)}/{tuple(self.zero.shape)} do not match "
@@ -141,6 +147,11 @@ class QuantizedTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def integer_zero(self) -> bool:
+        """Whether zero points are integers (required by GPTQ / AWQ / compressed-tensors layouts)."""
+        return self.zero.dtype == torch.uint8
 
     def group_index(self) -> torch.Tensor:
         """Scale column used by each input column."""
