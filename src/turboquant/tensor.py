@@ -198,8 +198,15 @@ class QuantizedTensor:
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Scales as float16 will store them (clamped away from zero and overflow), returned as float32."""
-    return scale.clamp(_MIN_SCALE, _MAX_SCALE).to(SCALE_DTYPE).float()
+    """Scales as float16 will store them, returned as float32.
+
+    Rounded *up* to the next float16 so that the grid still spans the range the scale was computed for (rounding
+    down would clip the extreme weights of every group by up to 2**-11 of the range); clamped away from 0 and inf.
+    """
+    s = scale.float().clamp(_MIN_SCALE, _MAX_SCALE)
+    s16 = s.to(SCALE_DTYPE)
+    up = torch.nextafter(s16, torch.full_like(s16, float("inf")))
+    return torch.where(s16.float() < s, up, s16).float()
 
 
 def qparams_from_range(

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models built on the fly, and the read-only reference data under ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from turboquant.tiny import save_tiny_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REF_MODEL = SHARED / "models" / "tq-ref-llama"
+HELDOUT = SHARED / "data" / "heldout" / "all.txt"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CALIB = SHARED / "data" / "calib"
+
+
+def pytest_configure(config):
+    missing = [p for p in (REF_MODEL / "config.json", HELDOUT) if not p.exists()]
+    if missing:
+        raise pytest.UsageError(f"reference data missing: {missing[0]} (tests expect ../shared beside the repo)")
+
+
+@pytest.fixture(scope="session")
+def ref_model() -> Path:
+    return REF_MODEL
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> Path:
+    return HELDOUT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64) with the reference model's tokenizer."""
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "tiny-llama",
+        hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=4096, tokenizer_from=REF_MODEL,
+    )
+
+
+@pytest.fixture
+def tiny_model_copy(tiny_model, tmp_path) -> Path:
+    """A private, writable copy of the tiny model (for tests that corrupt it)."""
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model, dst)
+    return dst
