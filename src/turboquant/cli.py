@@ -115,18 +115,62 @@ def quantize(
     group_size: Optional[int] = typer.Option(None, help="Group size: 32/64/128/..., -1 per-channel, 0 per-tensor."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric codes."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), e.g. mse_clip=true."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration file from `turboquant calibrate`."),
+    data: list[str] = typer.Option([], help="Build the calibration set on the fly from these files/datasets."),
+    n_samples: int = typer.Option(128, help="Calibration windows (with --data)."),
+    seqlen: int = typer.Option(2048, help="Calibration window length (with --data; capped at the model context)."),
+    seed: int = typer.Option(0, help="Calibration sampling seed (with --data)."),
+    sequential: bool = typer.Option(True, help="Feed each block the outputs of the already-quantized blocks."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) to pin."),
     allow_pickle: bool = typer.Option(False, help="Allow loading pickle (*.bin) checkpoints you trust."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     progress: bool = typer.Option(True, help="Show a progress bar per decoder block."),
 ) -> None:
     """Quantize MODEL with one method and scheme into a canonical checkpoint that every exporter reads."""
+    from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration
+    from turboquant.model import open_model
     from turboquant.quantize import quantize as run_quantize
 
     cfg = build_config(method, bits, group_size, sym, option)
-    path = run_quantize(model, cfg, out, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
-                        progress=progress and sys.stderr.isatty())
+    if calib and data:
+        raise ConfigError("both --calib and --data were given", "pass one of them")
+    opened = open_model(model, revision, allow_pickle=allow_pickle)
+    calib_set = None
+    if calib:
+        calib_set = CalibrationSet.load(calib)
+    elif data:
+        recipe = CalibrationRecipe(tuple(data), n_samples=n_samples, seqlen=seqlen, seed=seed)
+        calib_set = build_calibration(recipe, opened.source.path, opened.config.get("max_position_embeddings"))
+    path = run_quantize(opened, cfg, out, overwrite=overwrite, progress=progress and sys.stderr.isatty(),
+                        calib=calib_set, sequential=sequential)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    model: str = typer.Argument(..., help="Model whose tokenizer (and context length) to use."),
+    data: list[str] = typer.Option(..., help="Text / JSON lines / Parquet files, or Hub dataset ids (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors)."),
+    n_samples: int = typer.Option(128, help="Number of windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per window (capped at the model's context)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    text_field: str = typer.Option("text", help="Column holding the text in JSON/Parquet data."),
+    chat_template: bool = typer.Option(False, help="Wrap each document in the tokenizer's chat template."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
+) -> None:
+    """Build a reproducible calibration set (token windows + recipe) for MODEL."""
+    from turboquant.calibration import CalibrationRecipe, build_calibration
+    from turboquant.model import read_config, resolve_model
+
+    source = resolve_model(model, revision)
+    recipe = CalibrationRecipe(tuple(data), n_samples=n_samples, seqlen=seqlen, seed=seed, text_field=text_field,
+                               chat_template=chat_template)
+    config = read_config(source.path)
+    calib_set = build_calibration(recipe, source.path, config.get("max_position_embeddings"))
+    calib_set.save(out)
+    n, length = calib_set.input_ids.shape
+    typer.echo(f"wrote {out}: {n} windows x {length} tokens")
 
 
 @app.command("eval")

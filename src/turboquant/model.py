@@ -272,6 +272,9 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -326,6 +329,13 @@ class OpenedModel:
     @property
     def n_layers(self) -> int:
         return int(self.config[self.arch.n_layers_key])
+
+    def checkpoint_dtype(self, name: str) -> torch.dtype:
+        """The dtype a tensor has in the source checkpoint (outputs keep untouched tensors in it)."""
+        info = self.checkpoint.tensors.get(name)
+        if info is None:
+            return torch.float32
+        return _SAFETENSORS_DTYPES.get(info.dtype) or getattr(torch, info.dtype.removeprefix("torch."), torch.float32)
 
     def block(self, index: int) -> dict[str, torch.Tensor]:
         return self.checkpoint.load(self.checkpoint.block_names(self.arch, index))

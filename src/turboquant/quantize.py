@@ -1,13 +1,14 @@
 """Quantize a model into the canonical checkpoint, one decoder block at a time.
 
-Calibration-free methods stream: read block i, quantize its linears, write shard i, release it. Peak memory is
-one block's weights whatever the depth of the model.
+Calibration-free methods stream: read block i, quantize its linears, write shard i, release it. Calibrated methods
+(GPTQ, AWQ) run the calibration activations through the same block first (``sequential.BlockRunner``). Either way
+peak memory is one block's weights (plus the activations) whatever the depth of the model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +19,11 @@ from turboquant.fsutil import atomic_output_dir
 from turboquant.methods import MethodConfig, get_method
 from turboquant.methods.base import WeightQuantConfig
 from turboquant.model import OpenedModel, check_finite, open_model
+from turboquant.sequential import BlockRunner
+from turboquant.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    from turboquant.calibration import CalibrationSet
 
 
 def quantize(
@@ -29,33 +35,127 @@ def quantize(
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    calib: "CalibrationSet | None" = None,
+    sequential: bool = True,
+    batch_size: int = 8,
 ) -> Path:
-    """Quantize ``model`` with ``config`` into the canonical checkpoint at ``out`` (written atomically)."""
+    """Quantize ``model`` with ``config`` into the canonical checkpoint at ``out`` (written atomically).
+
+    Calibrated methods need ``calib``; ``sequential=False`` feeds every block the float model's activations
+    instead of those of the already-quantized blocks before it.
+    """
     spec = get_method(config.method)
-    if spec.needs_calibration:
+    if spec.needs_calibration and calib is None:
         raise ConfigError(f"method '{spec.name}' needs calibration data", "pass --calib FILE or --data FILE")
     opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
     if isinstance(config, WeightQuantConfig):
         _check_scheme_fits(opened, config)
+    if calib is not None:
+        from turboquant.calibration import check_vocab
+
+        check_vocab(calib, int(opened.config.get("vocab_size", 0)) or 1 << 62)
     out = Path(out)
     n_shards = opened.n_layers + 1
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = CheckpointWriter(tmp, n_shards)
         bar = tqdm(total=n_shards, desc=f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}",
                    unit="block", disable=not progress, leave=False)
-        for i in range(opened.n_layers):
-            tensors = opened.block(i)
-            writer.write_shard(i, _process_block(opened, i, tensors, config, writer))
-            del tensors
-            bar.update()
+        if spec.needs_calibration:
+            _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update)
+        else:
+            for i in range(opened.n_layers):
+                tensors = opened.block(i)
+                writer.write_shard(i, _process_block(opened, i, tensors, config, writer))
+                del tensors
+                bar.update()
         rest = opened.checkpoint.load(opened.checkpoint.non_block_names(opened.arch))
         check_finite(rest)
         writer.write_shard(opened.n_layers, _process_plain(rest, config))
         del rest
         bar.update()
         bar.close()
-        writer.finish(_metadata(opened, config), opened.aux_files(), _config_updates(opened, config))
+        meta = _metadata(opened, config)
+        if calib is not None:
+            meta["calibration"] = {"recipe": calib.recipe.to_dict(), **calib.provenance, "sequential": sequential}
+        writer.finish(meta, opened.aux_files(), _config_updates(opened, config))
     return out
+
+
+BlockProcedure = Callable[[BlockRunner, torch.nn.Module, OpenedModel, MethodConfig], dict[str, QuantizedTensor]]
+
+
+def _quantize_calibrated(
+    opened: OpenedModel,
+    config: MethodConfig,
+    calib: "CalibrationSet",
+    writer: CheckpointWriter,
+    sequential: bool,
+    batch_size: int,
+    tick: Callable[[], Any],
+) -> None:
+    """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs."""
+    procedure = BLOCK_PROCEDURES[config.method]
+    runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
+    for i in range(opened.n_layers):
+        block = runner.load_block(i)
+        check_finite({opened.arch.block_prefix(i) + k: v for k, v in block.state_dict().items()})
+        float_out = None if sequential else runner.forward(block)
+        quantized = procedure(runner, block, opened, config)
+        outputs = runner.forward(block) if sequential else float_out
+        prefix = opened.arch.block_prefix(i)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in block.state_dict().items():
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module in quantized:
+                quantized[module].dtype = opened.checkpoint_dtype(prefix + name)
+                tensors.update(writer.add_quantized(prefix + module, quantized[module]))
+            else:
+                tensors[prefix + name] = t.detach().to(opened.checkpoint_dtype(prefix + name))
+        writer.write_shard(i, tensors)
+        runner.release_block(i)
+        runner.advance(outputs)
+        tick()
+
+
+def _set_weight(block: torch.nn.Module, name: str, qt: QuantizedTensor) -> None:
+    """Make the block compute with the quantized weight, so later groups and blocks see its error."""
+    linear = block.get_submodule(name)
+    linear.weight.data = qt.dequantize(torch.float32)
+
+
+def _gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig
+                ) -> dict[str, QuantizedTensor]:
+    """GPTQ per linear group, re-capturing inputs after each group when ``true_sequential``."""
+    from turboquant.methods import gptq
+
+    groups = [list(g.linears) for g in opened.arch.groups]
+    if not config.true_sequential:
+        groups = [[name for g in groups for name in g]]
+    out: dict[str, QuantizedTensor] = {}
+    for names in groups:
+        stats = runner.capture(block, names)
+        for name in names:
+            W = block.get_submodule(name).weight.data
+            out[name] = gptq.quantize_weight(W, stats[name].H, config)
+            _set_weight(block, name, out[name])
+    return out
+
+
+def _awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig
+               ) -> dict[str, QuantizedTensor]:
+    """AWQ: search and fold activation scales into the block, search clipping, then quantize every linear."""
+    from turboquant.methods import awq
+
+    clips = awq.transform_block(block, opened.arch, runner.hidden, runner.layer_kwargs, config)
+    out: dict[str, QuantizedTensor] = {}
+    for name in opened.arch.linears:
+        W = block.get_submodule(name).weight.data
+        out[name] = awq.quantize_weight(W, config, clip_max=clips.get(name))
+        _set_weight(block, name, out[name])
+    return out
+
+
+BLOCK_PROCEDURES: dict[str, BlockProcedure] = {"gptq": _gptq_block, "awq": _awq_block}
 
 
 def _check_scheme_fits(opened: OpenedModel, config: WeightQuantConfig) -> None:

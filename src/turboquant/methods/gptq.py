@@ -10,7 +10,8 @@ time, so the bulk of the work is one matrix product per block.
 This is a pure solver: the pipeline accumulates ``H`` per linear and calls ``quantize_weight``. Details follow
 the reference implementations: dead inputs, relative damping, act-order (``desc_act``), static groups and
 AutoGPTQ's ``g_idx`` convention. One deliberate difference: a group that starts mid-block takes its scale from
-the weights as updated by *every* earlier column (the reference uses the block-start values there).
+the weights as updated by *every* earlier column (the reference uses the block-start values there; the two
+agree whenever ``group_size`` is a multiple of ``block_size``, as with the default 128 / 128).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ class GptqConfig(WeightQuantConfig):
 
     ``damp_percent``: fraction of the mean Hessian diagonal added to the diagonal (numerical stability);
     ``block_size``: lazy-update width (speed only; results match up to float rounding);
-    ``act_order``: quantize columns by decreasing ``diag(H)`` (salient inputs first, their error is absorbed by
-    the rest); ``static_groups``: fit every group's scale on the original weights up front, so groups stay
-    contiguous (no ``g_idx``) even with ``act_order``; ``true_sequential``: the pipeline re-collects inputs after
-    each sub-layer inside a block (not used by the solver); ``mse_clip``: search each group's clipping range
-    (RTN's MSE search) instead of min/max.
+    ``act_order``: quantize columns by decreasing ``diag(H)`` (salient inputs first, so their error is absorbed
+    by the many columns still open);
+    ``static_groups``: fit every group's scale on the original weights up front (with or without ``act_order``),
+    so groups stay contiguous (no ``g_idx``) even with ``act_order``;
+    ``true_sequential``: the pipeline re-collects inputs after each sub-layer of a block (unused by the solver);
+    ``mse_clip``: search each group's clipping range (RTN's MSE search) instead of using min/max.
     """
 
     damp_percent: float = 0.01
@@ -146,7 +148,7 @@ def quantize_weight_with_q(
             # in-block update of the later columns, a rank-1 product (addmm_: much faster than addr_ on CPU)
             W_[j + 1 : i2].addmm_(Hinv1[k, k + 1 :, None], Err1[k, None], alpha=-1)
             codes[j], Q[j] = c, q
-        W_[i2:].add_(0*Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of all later columns
+        W_[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of all later columns
 
     g_idx = None
     if perm is not None:

@@ -1,0 +1,196 @@
+"""Calibration sets: token windows drawn reproducibly from text, saved with the recipe that made them.
+
+Sources are read with ``datasets`` (local .txt / .json / .jsonl / .parquet files, or a Hub dataset id when online),
+joined, tokenized once, and ``n_samples`` windows of ``seqlen`` tokens are cut at seeded random offsets — GPTQ's and
+AutoAWQ's recipe. The saved file (safetensors: ``input_ids`` + the recipe as metadata) is byte-identical for the same
+recipe, source bytes and tokenizer, so DVC can track it and a rebuild can be checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from turboquant.errors import ConfigError, DataError
+from turboquant.fsutil import sha256_file
+
+CALIB_FORMAT = "turboquant-calibration/1"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    """What a calibration set is made of; the same recipe on the same bytes gives the same tokens."""
+
+    sources: tuple[str, ...]
+    n_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    text_field: str = "text"
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("no calibration data was given", "pass --data FILE (text, JSON lines or Parquet)")
+        for name, value, low in (("n_samples", self.n_samples, 1), ("seqlen", self.seqlen, 2), ("seed", self.seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}={value!r} is invalid", f"use an integer >= {low}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sources"] = list(self.sources)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CalibrationRecipe":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown calibration keys {unknown}", f"use only {sorted(known)}")
+        return cls(**{**data, "sources": tuple(data.get("sources", ()))})
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows ``[n_samples, seqlen]`` plus the provenance needed to rebuild them."""
+
+    input_ids: torch.Tensor
+    recipe: CalibrationRecipe
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": CALIB_FORMAT,
+            "recipe": json.dumps(self.recipe.to_dict(), sort_keys=True),
+            "provenance": json.dumps(self.provenance, sort_keys=True),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file({"input_ids": self.input_ids.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationSet":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"calibration file {path} does not exist", "build one with `turboquant calibrate`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                ids = f.get_tensor("input_ids").long()
+        except Exception as e:  # safetensors raises several exception types for corrupt files
+            raise DataError(f"{path} is not a calibration file ({str(e).splitlines()[0]})",
+                            "rebuild it with `turboquant calibrate`") from None
+        if meta.get("format") != CALIB_FORMAT:
+            raise DataError(f"{path} is not a TurboQuant calibration file", "rebuild it with `turboquant calibrate`")
+        recipe = CalibrationRecipe.from_dict(json.loads(meta["recipe"]))
+        return cls(ids, recipe, json.loads(meta.get("provenance", "{}")))
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    """sha256 over the tokenizer files of a model directory (identifies the vocabulary exactly)."""
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = Path(tokenizer_dir) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def read_documents(sources: tuple[str, ...], text_field: str = "text") -> list[str]:
+    """Documents from local files (one per .txt file, one per JSON/Parquet record) or Hub dataset ids."""
+    import datasets
+
+    docs: list[str] = []
+    for src in sources:
+        path = Path(src)
+        if path.is_file():
+            suffix = path.suffix.lower()
+            if suffix in (".json", ".jsonl"):
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            elif suffix == ".parquet":
+                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            else:
+                ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="document")
+        elif path.exists() or "/" not in src or src.startswith((".", "/")):
+            raise DataError(f"calibration source {src} does not exist", "pass existing files or a Hub dataset id")
+        else:
+            try:
+                ds = datasets.load_dataset(src, split="train")
+            except Exception as e:
+                raise DataError(f"cannot load dataset '{src}' ({str(e).splitlines()[0]})",
+                                "check the id and network access, or pass local files") from None
+        text_col = "text" if path.is_file() and path.suffix.lower() not in (".json", ".jsonl", ".parquet") else text_field
+        if text_col not in ds.column_names:
+            raise DataError(f"{src} has no '{text_col}' column (columns: {ds.column_names})",
+                            "pass --text-field with the column holding the text")
+        docs.extend(t for t in ds[text_col] if isinstance(t, str) and t.strip())
+    if not docs:
+        raise DataError("the calibration data holds no text", "pass files with non-empty text")
+    return docs
+
+
+def source_fingerprints(sources: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of each local source file (Hub datasets are identified by id only)."""
+    return {s: sha256_file(Path(s)) if Path(s).is_file() else "hub-dataset" for s in sources}
+
+
+def build_calibration(recipe: CalibrationRecipe, tokenizer_dir: str | Path, max_context: int | None = None
+                      ) -> CalibrationSet:
+    """Tokenize the recipe's sources with the model's tokenizer and cut seeded random windows."""
+    from turboquant.evaluate import load_tokenizer
+
+    seqlen = min(recipe.seqlen, max_context) if max_context else recipe.seqlen
+    if seqlen != recipe.seqlen:
+        recipe = CalibrationRecipe(**{**recipe.to_dict(), "sources": recipe.sources, "seqlen": seqlen})
+    tokenizer = load_tokenizer(tokenizer_dir)
+    docs = read_documents(recipe.sources, recipe.text_field)
+    if recipe.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat template", "drop --chat-template for base models")
+        ids_list = [tokenizer.apply_chat_template([{"role": "user", "content": d}], tokenize=True) for d in docs]
+        ids = torch.tensor([t for seq in ids_list for t in _as_ids(seq)], dtype=torch.long)
+    else:
+        ids = torch.tensor(tokenizer("\n\n".join(docs))["input_ids"], dtype=torch.long)
+    if ids.numel() < seqlen + 1:
+        raise DataError(f"the calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}",
+                        "add more text or lower --seqlen")
+    gen = torch.Generator().manual_seed(recipe.seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (recipe.n_samples,), generator=gen)
+    windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    provenance = {
+        "sources_sha256": source_fingerprints(recipe.sources),
+        "tokenizer_sha256": tokenizer_hash(tokenizer_dir),
+        "n_text_tokens": ids.numel(),
+    }
+    return CalibrationSet(windows, recipe, provenance)
+
+
+def _as_ids(seq: Any) -> list[int]:
+    if isinstance(seq, dict) or hasattr(seq, "keys"):
+        seq = seq["input_ids"]
+    return list(seq)
+
+
+def check_vocab(calib: CalibrationSet, vocab_size: int) -> None:
+    """Refuse a calibration set made with another tokenizer (token ids beyond the model's vocabulary)."""
+    top = int(calib.input_ids.max())
+    if top >= vocab_size:
+        raise DataError(f"calibration token id {top} is outside the model's vocabulary ({vocab_size})",
+                        "rebuild the calibration set with this model's tokenizer")

@@ -1,0 +1,315 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023, arXiv:2306.00978).
+
+A few input channels of each linear see activations far larger than the rest; rounding the weights that multiply
+them costs the most output error. AWQ protects them without mixed precision: for a per-input-channel scale ``s``,
+``W X = (W diag(s)) (diag(s)^-1 X)``, so quantizing ``W diag(s)`` instead of ``W`` shrinks the relative rounding
+error of the salient columns. ``s`` is searched, not learned (Section 3.2):
+``s = s_X^α / s_W^(1-α)`` (``s_X``: mean ``|X|`` per channel; ``s_W``: mean per-group-normalised ``|W|`` per channel,
+the "duo" scaling of the reference code; without it ``s = s_X^α``), normalised so that ``sqrt(max(s) min(s)) = 1``,
+with ``α`` on a grid over ``[0, 1)`` minimising the MSE of the output of the module the group feeds (whole attention
+for q/k/v, whole MLP for gate/up, the linear itself otherwise). The best ``s`` is then *folded*: the op producing
+``X`` (an RMSNorm or a linear) divides its output by ``s``, the group's weight columns are multiplied by ``s``, so the
+float block computes the same function. Finally each linear's per-group clipping range ``[-c, c]`` is searched
+(shrink factors of ``max |w|``) to minimise the error of the group's partial products ``W_g X_g`` on a subsample of
+tokens.
+
+As in the reference implementations, a group whose feeder cannot absorb ``1/s`` (v_proj → o_proj under
+grouped-query attention, where v_proj has fewer outputs than o_proj has inputs) is not scaled. Deliberate
+differences: with duo scaling the identity ``s = 1`` is also scored (the α grid does not contain it), so the search
+never ends worse than no scaling on its own loss; the clip grid includes its end point ``1 - clip_max_shrink``; and
+inputs are re-captured for every group from the block as folded so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from turboquant.errors import ConfigError
+from turboquant.methods.base import WeightQuantConfig, check_type, register_method
+from turboquant.model import ArchSpec, LinearGroup
+from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, group_view, qparams_from_range, quantize_codes
+
+_BATCH_TOKENS = 8192  # tokens per block forward (bounds attention / MLP intermediates)
+_CLIP_BUDGET = 1 << 24  # floats in one [G, rows, tokens] partial-product tensor of the clip search
+_QK = ("q_proj", "k_proj")
+
+
+@dataclass(frozen=True)
+class AwqConfig(WeightQuantConfig):
+    """AWQ options on top of the scheme (asymmetric by default, as the AWQ GEMM format).
+
+    ``grid``: number of α values ``i / grid`` tried; ``duo_scaling``: ``s = s_X^α / s_W^(1-α)`` (else ``s_X^α``);
+    ``clip``: search per-group clipping after scaling, over shrink factors ``1 - i / clip_grid`` down to
+    ``1 - clip_max_shrink``, on ``clip_tokens`` evenly spaced tokens; ``skip_qk_clip``: leave q_proj / k_proj
+    unclipped (their error is amplified by the softmax, where the partial-product loss is a poor proxy).
+    """
+
+    symmetric: bool = False
+    grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512
+    skip_qk_clip: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size == PER_TENSOR:
+            raise ConfigError("AWQ does not support per-tensor scales", "use a group size (e.g. 128) or -1")
+        for name in ("duo_scaling", "clip", "skip_qk_clip"):
+            check_type(name, getattr(self, name), bool, "use true or false")
+        for name, example in (("grid", 20), ("clip_grid", 20), ("clip_tokens", 512)):
+            check_type(name, getattr(self, name), int, f"use a positive integer, e.g. {example}")
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} is not positive", f"use e.g. {example}")
+        check_type("clip_max_shrink", self.clip_max_shrink, (int, float), "use a fraction in (0, 1), e.g. 0.5")
+        if not (math.isfinite(self.clip_max_shrink) and 0 < self.clip_max_shrink < 1):
+            raise ConfigError(f"clip_max_shrink={self.clip_max_shrink!r} is out of range", "use a fraction in (0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _quantize_groups(
+    groups: torch.Tensor, scheme: QuantScheme, clip_max: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and zero of ``groups`` ``[rows, G, g]``, each group first clamped to ``[-c, c]``."""
+    if clip_max is not None:
+        c = clip_max.unsqueeze(-1)
+        groups = torch.maximum(torch.minimum(groups, c), -c)
+    scale, zero = qparams_from_range(groups.amin(-1), groups.amax(-1), scheme)
+    codes = quantize_codes(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), scheme.qmax)
+    return codes, scale, zero
+
+
+def _fake_quantize(groups: torch.Tensor, scheme: QuantScheme, clip_max: torch.Tensor | None = None) -> torch.Tensor:
+    """``Q(w)`` dequantized, same shape as ``groups``: what the quantized model will compute with."""
+    codes, scale, zero = _quantize_groups(groups, scheme, clip_max)
+    return (codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+
+@register_method("awq", AwqConfig, "activation-aware scaling + clip search (needs calibration)", kind="weight",
+                 needs_calibration=True)
+def quantize_weight(W: torch.Tensor, cfg: AwqConfig, clip_max: torch.Tensor | None = None) -> QuantizedTensor:
+    """Grouped RTN of ``W`` (already scaled by ``transform_block``), each group clipped to ``clip_max`` if given."""
+    scheme = cfg.scheme
+    scheme.check_shape(tuple(W.shape))
+    groups = group_view(W.float(), scheme)
+    if clip_max is not None and tuple(clip_max.shape) != tuple(groups.shape[:2]):
+        raise ValueError(f"clip_max has shape {tuple(clip_max.shape)}, expected {tuple(groups.shape[:2])}")
+    codes, scale, zero = _quantize_groups(groups, scheme, None if clip_max is None else clip_max.float())
+    return QuantizedTensor(
+        codes=codes.reshape(W.shape).to(torch.uint8),
+        scale=scale.to(torch.float16),
+        zero=zero.to(torch.uint8),
+        scheme=scheme,
+        dtype=W.dtype,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the block with hooks
+# ---------------------------------------------------------------------------------------------------------------
+
+PreHook = Callable[[nn.Module, tuple, dict], None]
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, hooks: list[tuple[nn.Module, PreHook]]
+               ) -> None:
+    """Run ``block`` over ``hidden`` in batches with forward pre-hooks (``with_kwargs``) attached meanwhile.
+
+    ``layer_kwargs`` must broadcast over the batch (position embeddings with batch dimension 1).
+    """
+    batch = max(1, _BATCH_TOKENS // hidden.shape[1])
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
+    try:
+        for i in range(0, hidden.shape[0], batch):
+            block(hidden[i : i + batch], **layer_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _inspect_name(group: LinearGroup) -> str:
+    """Module whose output scores a candidate ``s``: the linears' common parent (self_attn, mlp) or the linear."""
+    if len(group.linears) == 1:
+        return group.linears[0]
+    parents = {name.rpartition(".")[0] for name in group.linears}
+    if len(parents) != 1 or "" in parents:
+        raise ValueError(f"linears {group.linears} have no common parent module to score AWQ scales on")
+    return parents.pop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scale search and folding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _weight_mean(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``s_W``: per input channel, the mean of ``|W|`` normalised by its group's max (``W``: the group stacked)."""
+    g = group_view(W.abs(), scheme)
+    g = g / g.amax(-1, keepdim=True).clamp_min(1e-12)
+    return g.reshape(W.shape).mean(0)
+
+
+def _candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, cfg: AwqConfig) -> Iterator[torch.Tensor]:
+    """Scales ``s`` tried: identity (with duo scaling), then one per ``α = i / grid``."""
+    if cfg.duo_scaling:
+        yield torch.ones_like(x_mean)
+    for i in range(cfg.grid):
+        alpha = i / cfg.grid
+        s = x_mean.pow(alpha)
+        if cfg.duo_scaling:
+            s = s / (w_mean.pow(1 - alpha) + 1e-4)
+        s = s.clamp_min(1e-4)
+        yield s / (s.max() * s.min()).sqrt()
+
+
+def _can_fold(feeder: nn.Module, linears: list[nn.Linear]) -> bool:
+    """Whether ``feeder``'s output channels map one to one onto the linears' input channels."""
+    n_in = linears[0].in_features
+    if isinstance(feeder, nn.Linear):
+        return feeder.out_features == n_in
+    weight = getattr(feeder, "weight", None)
+    return isinstance(weight, torch.Tensor) and tuple(weight.shape) == (n_in,)
+
+
+def _fold(feeder: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """Feeder output ``/ s`` (norm weight, or linear weight rows and bias), group weight columns ``* s``."""
+    if isinstance(feeder, nn.Linear):
+        feeder.weight.div_(s.to(feeder.weight.dtype).unsqueeze(1))
+    else:
+        feeder.weight.div_(s.to(feeder.weight.dtype))
+    if getattr(feeder, "bias", None) is not None:
+        feeder.bias.div_(s.to(feeder.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))
+
+
+def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, layer_kwargs: dict, cfg: AwqConfig
+                 ) -> torch.Tensor | None:
+    """Search ``s`` for one group on the block as it is now and fold it in; the scales, or None when skipped."""
+    feeder = block.get_submodule(group.feeder)
+    linears = [block.get_submodule(name) for name in group.linears]
+    if not _can_fold(feeder, linears):
+        return None
+    inspect = block.get_submodule(_inspect_name(group))
+    n_in = linears[0].in_features
+    abs_sum, count = torch.zeros(n_in, dtype=torch.float64), 0
+    calls: list[tuple[tuple, dict]] = []
+
+    def on_linear(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        nonlocal abs_sum, count
+        X = _input_of(args, kwargs).reshape(-1, n_in).float()
+        abs_sum += X.abs().sum(0, dtype=torch.float64)
+        count += X.shape[0]
+
+    def on_inspect(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        if kwargs.get("past_key_values") is not None:
+            kwargs["past_key_values"] = None  # replays must not grow a KV cache
+        calls.append((args, kwargs))
+
+    _run_block(block, hidden, layer_kwargs, [(linears[0], on_linear), (inspect, on_inspect)])
+    x_mean = (abs_sum / max(count, 1)).float()
+    originals = [lin.weight.detach().clone() for lin in linears]
+    w_mean = _weight_mean(torch.cat([W.float() for W in originals]), cfg.scheme)
+    reference = [_first(inspect(*a, **k)) for a, k in calls]
+    best_err, best_s = math.inf, torch.ones_like(x_mean)
+    for s in _candidates(x_mean, w_mean, cfg):
+        for lin, W in zip(linears, originals):  # Q(W diag(s)) diag(s)^-1: the same as feeding X / s
+            Ws = W.float() * s
+            lin.weight.copy_(_fake_quantize(group_view(Ws, cfg.scheme), cfg.scheme).reshape(W.shape) / s)
+        err = sum(float((_first(inspect(*a, **k)) - ref).pow(2).sum()) for (a, k), ref in zip(calls, reference))
+        if err < best_err:
+            best_err, best_s = err, s
+    for lin, W in zip(linears, originals):
+        lin.weight.copy_(W)
+    _fold(feeder, linears, best_s)
+    return best_s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clip search
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _token_subsample(block: nn.Module, names: list[str], hidden: torch.Tensor, layer_kwargs: dict, n: int
+                     ) -> dict[str, torch.Tensor]:
+    """Inputs ``X`` ``[n, in]`` of each linear in ``names`` at ``n`` evenly spaced token positions (all if fewer)."""
+    total = hidden.shape[0] * hidden.shape[1]
+    n = min(n, total)
+    wanted = torch.arange(n) * total // n
+    seen: dict[str, int] = {name: 0 for name in names}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def hook_for(name: str) -> PreHook:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _input_of(args, kwargs)
+            X = x.reshape(-1, x.shape[-1])
+            lo = seen[name]
+            pick = wanted[(wanted >= lo) & (wanted < lo + X.shape[0])] - lo
+            parts[name].append(X[pick].float())
+            seen[name] = lo + X.shape[0]
+
+        return hook
+
+    _run_block(block, hidden, layer_kwargs, [(block.get_submodule(name), hook_for(name)) for name in names])
+    return {name: torch.cat(p) for name, p in parts.items()}
+
+
+def _search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AwqConfig) -> torch.Tensor:
+    """``c`` ``[out, G]`` minimising ``mean_t (W_g x_g - Q(clamp(W_g, -c, c)) x_g)^2`` per row and group ``g``."""
+    groups = group_view(W.float(), cfg.scheme)  # [out, G, g]
+    n_out, G, g = groups.shape
+    Xg = X.reshape(-1, G, g).permute(1, 2, 0)  # [G, g, T]
+    amax = groups.abs().amax(-1)
+    best_c, best_err = amax.clone(), torch.full_like(amax, math.inf)
+    shrinks = [1 - i / cfg.clip_grid for i in range(round(cfg.clip_max_shrink * cfg.clip_grid) + 1)]
+    rows = max(1, _CLIP_BUDGET // (G * Xg.shape[2]))
+    for r in range(0, n_out, rows):
+        Wr = groups[r : r + rows]
+        ref = torch.bmm(Wr.transpose(0, 1), Xg)  # [G, rows, T] partial products W_g x_g
+        for p in shrinks:
+            c = amax[r : r + rows] * p
+            Q = _fake_quantize(Wr, cfg.scheme, c)
+            err = (torch.bmm(Q.transpose(0, 1), Xg) - ref).pow(2).mean(-1).t()
+            better = err < best_err[r : r + rows]
+            best_err[r : r + rows] = torch.where(better, err, best_err[r : r + rows])
+            best_c[r : r + rows] = torch.where(better, c, best_c[r : r + rows])
+    return best_c
+
+
+def transform_block(block: nn.Module, arch: ArchSpec, hidden: torch.Tensor, layer_kwargs: dict, cfg: AwqConfig
+                    ) -> dict[str, torch.Tensor]:
+    """Fold AWQ scales into ``block`` in place (group by group, in ``arch.groups`` order), then search clipping.
+
+    ``hidden``: the block's calibration inputs ``[n_samples, seqlen, hidden_size]``; ``block(x, **layer_kwargs)``
+    runs it. Returns ``{linear name: clip_max [out, G]}`` for ``quantize_weight`` (empty when ``cfg.clip`` is off).
+    The float block computes the same function afterwards, up to float rounding.
+    """
+    with torch.no_grad():
+        hidden = hidden.float()
+        for group in arch.groups:
+            _scale_group(block, group, hidden, layer_kwargs, cfg)
+        if not cfg.clip:
+            return {}
+        names = [n for n in arch.linears if not (cfg.skip_qk_clip and n.rpartition(".")[2] in _QK)]
+        inputs = _token_subsample(block, names, hidden, layer_kwargs, cfg.clip_tokens)
+        return {name: _search_clip(block.get_submodule(name).weight, inputs[name], cfg) for name in names}

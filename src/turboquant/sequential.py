@@ -1,0 +1,142 @@
+"""Block-sequential calibration: activations go through the model one decoder block at a time.
+
+The model skeleton lives on the ``meta`` device; only the embeddings and the current block hold real weights.
+Block ``i`` sees the outputs of blocks ``0..i-1`` *after* they were quantized (GPTQ's sequential mode), so each
+block's solver corrects the error accumulated before it. Statistics are accumulated in float32: per input group
+(linears that share an input) the Hessian proxy ``H = XᵀX / n`` and the mean ``|x|`` per input channel.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from turboquant.model import OpenedModel, build_skeleton
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once every wanted input has been seen, to skip the rest of the block."""
+
+
+@dataclass
+class InputStats:
+    """Accumulated statistics of one linear group's input."""
+
+    H: torch.Tensor
+    abs_mean: torch.Tensor
+    n: int = 0
+
+    @classmethod
+    def empty(cls, features: int) -> "InputStats":
+        return cls(torch.zeros(features, features), torch.zeros(features))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = self.n + x.shape[0]
+        self.H.mul_(self.n / total).addmm_(x.T, x, alpha=1.0 / total)
+        self.abs_mean.mul_(self.n / total).add_(x.abs().sum(0), alpha=1.0 / total)
+        self.n = total
+
+
+@dataclass
+class BlockRunner:
+    """Holds the current block inputs ``[n_samples, seqlen, hidden]`` and runs blocks over them in batches."""
+
+    opened: OpenedModel
+    skeleton: nn.Module
+    hidden: torch.Tensor
+    layer_kwargs: dict
+    batch_size: int = 8
+    _blocks: nn.ModuleList = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._blocks = self.skeleton.get_submodule(self.opened.arch.blocks_prefix)
+
+    @classmethod
+    def start(cls, opened: OpenedModel, input_ids: torch.Tensor, batch_size: int = 8) -> "BlockRunner":
+        """Embed the calibration tokens and prepare the per-block keyword arguments (RoPE, positions)."""
+        skeleton = build_skeleton(opened.source.path, dtype=torch.float32)
+        embed = skeleton.get_input_embeddings()
+        embed_name = next(n for n, m in skeleton.named_modules() if m is embed)
+        weight = opened.checkpoint.load([f"{embed_name}.weight"])[f"{embed_name}.weight"]
+        with torch.no_grad():
+            hidden = nn.functional.embedding(input_ids, weight.float())
+        del weight
+        base = skeleton.get_submodule(opened.arch.blocks_prefix.rpartition(".")[0])
+        rotary = type(base.rotary_emb)(config=skeleton.config)
+        position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = rotary(hidden[:1], position_ids)
+        kwargs = {"position_embeddings": (cos, sin), "position_ids": position_ids, "attention_mask": None}
+        return cls(opened, skeleton, hidden, kwargs, batch_size)
+
+    def load_block(self, index: int) -> nn.Module:
+        """Block ``index`` with its real weights in float32."""
+        block = self._blocks[index]
+        prefix = self.opened.arch.block_prefix(index)
+        state = {k.removeprefix(prefix): v.float() for k, v in self.opened.block(index).items()}
+        block.load_state_dict(state, strict=True, assign=True)
+        return block
+
+    def release_block(self, index: int) -> None:
+        self._blocks[index] = self._blocks[index].to("meta")
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output for every sample (batched to bound attention memory)."""
+        hidden = self.hidden if hidden is None else hidden
+        outs = [_as_tensor(block(hidden[i : i + self.batch_size], **self.layer_kwargs))
+                for i in range(0, hidden.shape[0], self.batch_size)]
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def capture(self, block: nn.Module, linears: list[str]) -> dict[str, InputStats]:
+        """Input statistics of ``linears`` (names relative to the block); stops each pass once all were seen."""
+        modules = {name: block.get_submodule(name) for name in linears}
+        stats = {name: InputStats.empty(m.in_features) for name, m in modules.items()}
+        for i in range(0, self.hidden.shape[0], self.batch_size):
+            with _capturing(modules, stats):
+                try:
+                    block(self.hidden[i : i + self.batch_size], **self.layer_kwargs)
+                except _StopForward:
+                    pass
+        return stats
+
+    def advance(self, outputs: torch.Tensor) -> None:
+        self.hidden = outputs
+
+
+@contextmanager
+def _capturing(modules: dict[str, nn.Module], stats: dict[str, InputStats]) -> Iterator[None]:
+    """Forward pre-hooks feeding ``stats``; inputs shared by several linears are accumulated once."""
+    seen: set[str] = set()
+    shared: dict[int, tuple[torch.Tensor, str]] = {}  # holds the tensors so their ids cannot be reused
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = shared.setdefault(id(x), (x, name))[1]
+            if key == name:
+                stats[name].add(x)
+            else:
+                stats[name] = stats[key]
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _as_tensor(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
