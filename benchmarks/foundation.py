@@ -16,6 +16,9 @@ Targets
    ``safetensors.torch.save_file``, one shard per block (plus one for the non-block tensors, as ``quantize`` does).
    Both run in one subprocess, after one warm-up each, interleaved (io, rtn, rtn, io, ...); best and median are
    reported and the target uses the best of each. A per-stage breakdown of one RTN pass is reported alongside.
+   Diagnostics (not targets, ``--no-diagnostics`` skips them) repeat the comparison with ``OMP_WAIT_POLICY=PASSIVE``
+   and with ``torch.set_num_threads(1)``: on a small machine shared with other work, OpenMP threads that spin at
+   barriers can dominate the RTN time. The load average around each timing run is recorded.
 
 Models are built with ``turboquant.tiny.save_tiny_model`` (tokenizer trained on its default text: the quantizer
 never reads it) into ``benchmarks/work/``, each in its own subprocess, once; they are reused when present.
@@ -319,10 +322,6 @@ def weight_sizes(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def mib(kib_or_bytes: float, unit: str = "KiB") -> float:
-    return kib_or_bytes / 1024 if unit == "KiB" else kib_or_bytes / (1 << 20)
 
 
 def main() -> None:

@@ -72,11 +72,10 @@ class CalibrationSet:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": CALIB_FORMAT,
-            "recipe": json.dumps(self.recipe.to_dict(), sort_keys=True),
-            "provenance": json.dumps(self.provenance, sort_keys=True),
-        }
+        # One metadata key: safetensors writes its metadata map in hash order, so several keys would make
+        # the bytes of two identical saves differ.
+        meta = {"turboquant": json.dumps({"format": CALIB_FORMAT, "recipe": self.recipe.to_dict(),
+                                          "provenance": self.provenance}, sort_keys=True)}
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             save_file({"input_ids": self.input_ids.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
@@ -97,10 +96,10 @@ class CalibrationSet:
         except Exception as e:  # safetensors raises several exception types for corrupt files
             raise DataError(f"{path} is not a calibration file ({str(e).splitlines()[0]})",
                             "rebuild it with `turboquant calibrate`") from None
-        if meta.get("format") != CALIB_FORMAT:
+        info = json.loads(meta.get("turboquant", "{}"))
+        if info.get("format") != CALIB_FORMAT:
             raise DataError(f"{path} is not a TurboQuant calibration file", "rebuild it with `turboquant calibrate`")
-        recipe = CalibrationRecipe.from_dict(json.loads(meta["recipe"]))
-        return cls(ids, recipe, json.loads(meta.get("provenance", "{}")))
+        return cls(ids, CalibrationRecipe.from_dict(info["recipe"]), info.get("provenance", {}))
 
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:

@@ -126,6 +126,10 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs: the rest of the block is not computed."""
+
+
 def _run_block(block: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, hooks: list[tuple[nn.Module, PreHook]]
                ) -> None:
     """Run ``block`` over ``hidden`` in batches with forward pre-hooks (``with_kwargs``) attached meanwhile.
@@ -136,7 +140,10 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, hooks
     handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
     try:
         for i in range(0, hidden.shape[0], batch):
-            block(hidden[i : i + batch], **layer_kwargs)
+            try:
+                block(hidden[i : i + batch], **layer_kwargs)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -219,6 +226,7 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
         X = _input_of(args, kwargs).reshape(-1, n_in).float()
         abs_sum += X.abs().sum(0, dtype=torch.float64)
         count += X.shape[0]
+        raise _StopForward  # fires after on_inspect (registered first): nothing later in the block is needed
 
     def on_inspect(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
@@ -226,7 +234,7 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
             kwargs["past_key_values"] = None  # replays must not grow a KV cache
         calls.append((args, kwargs))
 
-    _run_block(block, hidden, layer_kwargs, [(linears[0], on_linear), (inspect, on_inspect)])
+    _run_block(block, hidden, layer_kwargs, [(inspect, on_inspect), (linears[0], on_linear)])
     x_mean = (abs_sum / max(count, 1)).float()
     originals = [lin.weight.detach().clone() for lin in linears]
     w_mean = _weight_mean(torch.cat([W.float() for W in originals]), cfg.scheme)

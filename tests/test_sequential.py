@@ -1,0 +1,76 @@
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from turboquant.calibration import CalibrationRecipe, CalibrationSet
+from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.methods import make_config
+from turboquant.model import open_model
+from turboquant.quantize import quantize
+from turboquant.sequential import BlockRunner
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 4096, (6, 48), generator=torch.Generator().manual_seed(0))
+
+
+def test_block_by_block_forward_equals_the_full_model(tiny_model, ids):
+    runner = BlockRunner.start(open_model(tiny_model), ids, batch_size=4)
+    for i in range(2):
+        block = runner.load_block(i)
+        runner.advance(runner.forward(block))
+        runner.release_block(i)
+    full = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        expected = full.model(ids).last_hidden_state  # after the final norm
+        ours = full.model.norm(runner.hidden)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_captured_hessians_match_direct_computation(tiny_model, ids):
+    runner = BlockRunner.start(open_model(tiny_model), ids, batch_size=4)
+    block = runner.load_block(0)
+    stats = runner.capture(block, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    with torch.no_grad():
+        x = block.input_layernorm(runner.hidden).reshape(-1, 64)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"]
+    assert torch.allclose(stats["self_attn.q_proj"].H, x.T @ x / x.shape[0], atol=1e-5)
+    assert torch.allclose(stats["self_attn.v_proj"].abs_mean, x.abs().mean(0), atol=1e-6)
+    down = runner.capture(block, ["mlp.down_proj"])["mlp.down_proj"]
+    assert down.H.shape == (128, 128) and down.n == 6 * 48
+
+
+def _calib(ids):
+    return CalibrationSet(ids, CalibrationRecipe(("synthetic",), n_samples=ids.shape[0], seqlen=ids.shape[1]))
+
+
+def test_gptq_pipeline_is_deterministic_and_records_calibration(tmp_path, tiny_model, ids):
+    cfg = make_config("gptq", bits=4, group_size=32)
+    outs = [quantize(tiny_model, cfg, tmp_path / f"q{k}", calib=_calib(ids), progress=False) for k in range(2)]
+    for f in sorted(outs[0].glob("*.safetensors")):
+        assert hashlib.sha256(f.read_bytes()).digest() == hashlib.sha256((outs[1] / f.name).read_bytes()).digest()
+    ckpt = QuantizedCheckpoint.open(outs[0])
+    assert ckpt.meta["calibration"]["recipe"]["n_samples"] == 6 and ckpt.meta["calibration"]["sequential"] is True
+    assert len(ckpt.modules) == 14
+
+
+def test_calibrated_method_without_data_fails_up_front(tmp_path, tiny_model):
+    from turboquant.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize(tiny_model, make_config("gptq", group_size=32), tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_sequential_flag_changes_inputs_of_later_blocks(tmp_path, tiny_model, ids):
+    cfg = make_config("gptq", bits=3, group_size=32)
+    seq = QuantizedCheckpoint.open(quantize(tiny_model, cfg, tmp_path / "s", calib=_calib(ids), progress=False))
+    par = QuantizedCheckpoint.open(quantize(tiny_model, cfg, tmp_path / "p", calib=_calib(ids), sequential=False,
+                                            progress=False))
+    first = "model.layers.0.mlp.down_proj"
+    last = "model.layers.1.mlp.down_proj"
+    assert torch.equal(seq.quantized_tensor(first).codes, par.quantized_tensor(first).codes)
+    assert not torch.equal(seq.quantized_tensor(last).codes, par.quantized_tensor(last).codes)
