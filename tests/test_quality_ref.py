@@ -2,7 +2,7 @@
 
 import pytest
 
-from turboquant.evaluate import evaluate, load_model, load_tokenizer, read_text, tokenize
+from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
 from turboquant.quantize import quantize
 
@@ -18,12 +18,12 @@ def ref_setup(ref_model, heldout_text):
 @pytest.fixture(scope="module")
 def rtn_results(ref_setup, ref_model, tmp_path_factory):
     baseline, ids = ref_setup
-    out = {}
+    models = {}
     for label, opts in {"w8g128": dict(bits=8, group_size=128), "w4g128": dict(bits=4, group_size=128),
                         "w4chan": dict(bits=4, group_size=-1)}.items():
         qdir = quantize(ref_model, make_config("rtn", **opts), tmp_path_factory.mktemp(label) / "q", progress=False)
-        out[label] = evaluate(load_model(qdir), ids, ctx=512, baseline=baseline)
-    return out
+        models[label] = load_model(qdir)
+    return evaluate_many(models, ids, ctx=512, baseline=baseline)
 
 
 def test_baseline_perplexity_matches_published_number(rtn_results):

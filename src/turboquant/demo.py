@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from turboquant.checkpoint import QuantizedCheckpoint
-from turboquant.evaluate import evaluate, load_model, load_tokenizer, read_text, tokenize
+from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
 from turboquant.quantize import quantize
 from turboquant.tiny import save_tiny_model
@@ -73,14 +73,15 @@ def run_demo(out: Path, model: Path | None, text: Path | None, max_tokens: int) 
     ids = tokenize(load_tokenizer(model), raw)[:max_tokens]
     baseline = load_model(model)
     typer.echo(f"model {model}  ·  eval text {text or 'built-in'}  ·  {ids.numel()} tokens")
-    rows: list[DemoRow] = []
     for label, method, options in DEMO_RUNS:
-        qdir = out / label
-        quantize(model, make_config(method, **options), qdir, overwrite=True, progress=False)
-        result = evaluate(load_model(qdir), ids, ctx=512, baseline=baseline)
-        rows.append(DemoRow(label, _dir_size_mb(qdir), checkpoint_bits_per_weight(qdir), result.ppl,
-                            result.ppl_delta_pct, result.kl, result.top1))
-    table = format_table(rows, baseline_ppl=result.baseline_ppl)
+        typer.echo(f"quantizing {label} ...")
+        quantize(model, make_config(method, **options), out / label, overwrite=True, progress=False)
+    typer.echo("evaluating every artifact against the baseline ...")
+    results = evaluate_many({label: load_model(out / label) for label, _, _ in DEMO_RUNS}, ids, ctx=512,
+                            baseline=baseline)
+    rows = [DemoRow(label, _dir_size_mb(out / label), checkpoint_bits_per_weight(out / label), r.ppl,
+                    r.ppl_delta_pct, r.kl, r.top1) for label, r in results.items()]
+    table = format_table(rows, baseline_ppl=next(iter(results.values())).baseline_ppl)
     typer.echo(table)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")

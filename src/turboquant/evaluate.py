@@ -133,7 +133,64 @@ def _window_logits(model: torch.nn.Module, ids: torch.Tensor, w: Window) -> tupl
     return torch.log_softmax(logits[-keep:], dim=-1), targets[-keep:]
 
 
+@dataclass
+class _Tally:
+    nll: float = 0.0
+    base_nll: float = 0.0
+    n: int = 0
+    agree: int = 0
+    kls: list = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.kls = []
+
+
 @torch.inference_mode()
+def evaluate_many(
+    models: dict[str, torch.nn.Module],
+    ids: torch.Tensor,
+    ctx: int = 512,
+    stride: int | None = None,
+    baseline: torch.nn.Module | None = None,
+    text_name: str = "",
+    progress: bool = False,
+) -> dict[str, EvalResult]:
+    """``evaluate`` for several models over the same windows, running the baseline once per window."""
+    limits = [model_context(m) for m in models.values()] + [model_context(baseline) if baseline else None]
+    ctx = min([ctx] + [limit for limit in limits if limit])
+    wins = windows(ids.numel(), ctx, stride)
+    if not wins:
+        raise DataError(f"the evaluation text has only {ids.numel()} tokens", "pass a longer text (at least 2 tokens)")
+    tallies = {name: _Tally() for name in models}
+    for w in tqdm(wins, desc="eval", unit="window", disable=not progress, leave=False):
+        base_logp = _window_logits(baseline, ids, w)[0] if baseline is not None else None
+        for name, model in models.items():
+            t = tallies[name]
+            logp, targets = _window_logits(model, ids, w)
+            t.nll -= logp.gather(1, targets[:, None]).sum().item()
+            t.n += targets.numel()
+            if base_logp is not None:
+                t.base_nll -= base_logp.gather(1, targets[:, None]).sum().item()
+                t.kls.append((base_logp.exp() * (base_logp - logp)).sum(-1))
+                t.agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    return {name: _result(t, len(wins), ctx, stride, text_name, baseline is not None) for name, t in tallies.items()}
+
+
+def _result(t: _Tally, n_windows: int, ctx: int, stride: int | None, text_name: str, with_baseline: bool
+            ) -> EvalResult:
+    mean_nll = t.nll / t.n
+    result = EvalResult(ppl=math.exp(mean_nll), nll=mean_nll, n_scored=t.n, n_windows=n_windows, ctx=ctx,
+                        stride=stride or ctx, text=text_name)
+    if with_baseline:
+        kl = torch.cat(t.kls).clamp_min(0)
+        result.baseline_ppl = math.exp(t.base_nll / t.n)
+        result.ppl_delta_pct = 100.0 * (result.ppl / result.baseline_ppl - 1.0)
+        result.kl = kl.mean().item()
+        result.kl_p99 = torch.quantile(kl, 0.99).item() if kl.numel() > 1 else kl.item()
+        result.top1 = t.agree / t.n
+    return result
+
+
 def evaluate(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -144,37 +201,7 @@ def evaluate(
     progress: bool = False,
 ) -> EvalResult:
     """Perplexity of ``model`` on token stream ``ids``; KL and top-1 against ``baseline`` when given."""
-    limit = model_context(model)
-    if limit is not None and ctx > limit:
-        ctx = limit
-    wins = windows(ids.numel(), ctx, stride)
-    if not wins:
-        raise DataError(f"the evaluation text has only {ids.numel()} tokens", "pass a longer text (at least 2 tokens)")
-    nll = base_nll = 0.0
-    n_scored = agree = 0
-    kls: list[torch.Tensor] = []
-    for w in tqdm(wins, desc="eval", unit="window", disable=not progress, leave=False):
-        logp, targets = _window_logits(model, ids, w)
-        nll -= logp.gather(1, targets[:, None]).sum().item()
-        n_scored += targets.numel()
-        if baseline is not None:
-            base_logp, _ = _window_logits(baseline, ids, w)
-            base_nll -= base_logp.gather(1, targets[:, None]).sum().item()
-            kls.append((base_logp.exp() * (base_logp - logp)).sum(-1))
-            agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    mean_nll = nll / n_scored
-    result = EvalResult(
-        ppl=math.exp(mean_nll), nll=mean_nll, n_scored=n_scored, n_windows=len(wins), ctx=ctx,
-        stride=stride or ctx, text=text_name,
-    )
-    if baseline is not None:
-        kl = torch.cat(kls).clamp_min(0)
-        result.baseline_ppl = math.exp(base_nll / n_scored)
-        result.ppl_delta_pct = 100.0 * (result.ppl / result.baseline_ppl - 1.0)
-        result.kl = kl.mean().item()
-        result.kl_p99 = torch.quantile(kl, 0.99).item() if kl.numel() > 1 else kl.item()
-        result.top1 = agree / n_scored
-    return result
+    return evaluate_many({"model": model}, ids, ctx, stride, baseline, text_name, progress)["model"]
 
 
 def evaluate_paths(

@@ -81,7 +81,7 @@ def quantize(
     return out
 
 
-BlockProcedure = Callable[[BlockRunner, torch.nn.Module, OpenedModel, MethodConfig], dict[str, QuantizedTensor]]
+BlockProcedure = Callable[[BlockRunner, torch.nn.Module, OpenedModel, MethodConfig, str], dict[str, QuantizedTensor]]
 
 
 def _quantize_calibrated(
@@ -100,9 +100,9 @@ def _quantize_calibrated(
         block = runner.load_block(i)
         check_finite({opened.arch.block_prefix(i) + k: v for k, v in block.state_dict().items()})
         float_out = None if sequential else runner.forward(block)
-        quantized = procedure(runner, block, opened, config)
-        outputs = runner.forward(block) if sequential else float_out
         prefix = opened.arch.block_prefix(i)
+        quantized = procedure(runner, block, opened, config, prefix)
+        outputs = runner.forward(block) if sequential else float_out
         tensors: dict[str, torch.Tensor] = {}
         for name, t in block.state_dict().items():
             module = name.removesuffix(".weight")
@@ -123,8 +123,8 @@ def _set_weight(block: torch.nn.Module, name: str, qt: QuantizedTensor) -> None:
     linear.weight.data = qt.dequantize(torch.float32)
 
 
-def _gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig
-                ) -> dict[str, QuantizedTensor]:
+def _gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig,
+                prefix: str) -> dict[str, QuantizedTensor]:
     """GPTQ per linear group, re-capturing inputs after each group when ``true_sequential``."""
     from turboquant.methods import gptq
 
@@ -136,13 +136,13 @@ def _gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel
         stats = runner.capture(block, names)
         for name in names:
             W = block.get_submodule(name).weight.data
-            out[name] = gptq.quantize_weight(W, stats[name].H, config)
+            out[name] = gptq.quantize_weight(W, stats[name].H, config, name=prefix + name)
             _set_weight(block, name, out[name])
     return out
 
 
-def _awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig
-               ) -> dict[str, QuantizedTensor]:
+def _awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig,
+               prefix: str) -> dict[str, QuantizedTensor]:
     """AWQ: search and fold activation scales into the block, search clipping, then quantize every linear."""
     from turboquant.methods import awq
 

@@ -240,15 +240,17 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
     w_mean = _weight_mean(torch.cat([W.float() for W in originals]), cfg.scheme)
     reference = [_first(inspect(*a, **k)) for a, k in calls]
     best_err, best_s = math.inf, torch.ones_like(x_mean)
-    for s in _candidates(x_mean, w_mean, cfg):
-        for lin, W in zip(linears, originals):  # Q(W diag(s)) diag(s)^-1: the same as feeding X / s
-            Ws = W.float() * s
-            lin.weight.copy_(_fake_quantize(group_view(Ws, cfg.scheme), cfg.scheme).reshape(W.shape) / s)
-        err = sum(float((_first(inspect(*a, **k)) - ref).pow(2).sum()) for (a, k), ref in zip(calls, reference))
-        if err < best_err:
-            best_err, best_s = err, s
-    for lin, W in zip(linears, originals):
-        lin.weight.copy_(W)
+    try:
+        for s in _candidates(x_mean, w_mean, cfg):
+            for lin, W in zip(linears, originals):  # Q(W diag(s)) diag(s)^-1: the same as feeding X / s
+                Ws = W.float() * s
+                lin.weight.copy_(_fake_quantize(group_view(Ws, cfg.scheme), cfg.scheme).reshape(W.shape) / s)
+            err = sum(float((_first(inspect(*a, **k)) - ref).pow(2).sum()) for (a, k), ref in zip(calls, reference))
+            if err < best_err:
+                best_err, best_s = err, s
+    finally:
+        for lin, W in zip(linears, originals):
+            lin.weight.copy_(W)
     _fold(feeder, linears, best_s)
     return best_s
 
