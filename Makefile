@@ -25,3 +25,20 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# Reference-tool benchmark (llm-compressor, GPTQModel) in its own venv: llmcompressor caps transformers <= 5.17.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: bench-env bench-methods
+
+$(BENCH_STAMP): benchmarks/constraints-bench.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -c benchmarks/constraints-bench.txt torch llmcompressor gptqmodel
+	touch $(BENCH_STAMP)
+
+bench-env: $(BENCH_STAMP)
+
+bench-methods: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python benchmarks/methods_vs_reference.py

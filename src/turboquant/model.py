@@ -234,7 +234,11 @@ class LazyCheckpoint:
         return list(self.tensors)
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read ``names``, opening each file once and closing it after (so mapped pages are released)."""
+        """Read ``names``, opening each file once.
+
+        safetensors returns tensors backed by the mapped file: their pages count in RSS until the tensors are
+        freed, so callers release a block's tensors before reading the next.
+        """
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.tensors:
@@ -304,7 +308,7 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:
     """Refuse NaN/Inf weights before any work, naming the first bad tensor."""
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
             bad = (~torch.isfinite(t)).sum().item()
             raise ModelLoadError(
                 f"tensor {name} holds {bad} NaN/Inf value(s)",

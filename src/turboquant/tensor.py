@@ -227,7 +227,7 @@ def qparams_from_range(
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
     """Round-to-nearest codes of ``x`` under broadcastable ``scale`` and ``zero``, as float."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+    return torch.div(x, scale).round_().add_(zero).clamp_(0, qmax)
 
 
 def group_view(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -271,12 +271,16 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     lead = c.shape[:-1]
     if 8 % bits == 0:
         per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-        grouped = c.reshape(*lead, -1, per_byte) << shifts
-        return grouped.sum(-1, dtype=torch.int32).to(torch.uint8)
-    bit_planes = (c.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32)) & 1
-    stream = bit_planes.reshape(*lead, -1, 8) << torch.arange(8, dtype=torch.int32)
-    return stream.sum(-1, dtype=torch.int32).to(torch.uint8)
+        grouped = c.to(torch.uint8).reshape(*lead, -1, per_byte)
+        packed = grouped[..., 0].clone()
+        for k in range(1, per_byte):
+            packed |= grouped[..., k] << (k * bits)
+        return packed
+    unit_bytes = per_unit * bits // 8  # ``per_unit`` codes fill exactly this many bytes (at most 64 bits)
+    units = c.to(torch.int64).reshape(*lead, -1, per_unit) << (torch.arange(per_unit, dtype=torch.int64) * bits)
+    word = units.sum(-1)
+    stream = (word.unsqueeze(-1) >> (torch.arange(unit_bytes, dtype=torch.int64) * 8)) & 0xFF
+    return stream.to(torch.uint8).reshape(*lead, -1)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -292,9 +296,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(8 // bits, dtype=torch.int32) * bits
         codes = (p.unsqueeze(-1) >> shifts) & mask
     else:
-        stream = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
-        planes = stream.reshape(*lead, -1, bits) << torch.arange(bits, dtype=torch.int32)
-        codes = planes.sum(-1, dtype=torch.int32)
+        per_unit = 8 // math.gcd(bits, 8)
+        unit_bytes = per_unit * bits // 8
+        byte_units = p.to(torch.int64).reshape(*lead, -1, unit_bytes) << (torch.arange(unit_bytes) * 8)
+        word = byte_units.sum(-1)
+        codes = (word.unsqueeze(-1) >> (torch.arange(per_unit, dtype=torch.int64) * bits)) & mask
     return codes.reshape(*lead, -1)[..., :n].to(torch.uint8).contiguous()
 
 
