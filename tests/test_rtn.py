@@ -11,6 +11,7 @@ def _weight(seed=0, shape=(64, 256), heavy_tail=False):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g)
     if heavy_tail:
+        torch.manual_seed(seed)
         w = w + torch.distributions.StudentT(2.0).sample(shape) * 0.05
     return w
 

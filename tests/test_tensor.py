@@ -76,6 +76,7 @@ def test_storage_bits_counts_codes_scales_and_zeros():
     assert QuantScheme(4, 128, True).storage_bits(10, 256) == 4 * 2560 + 10 * 2 * 16
     assert QuantScheme(4, 128, False).storage_bits(10, 256) == 4 * 2560 + 10 * 2 * 20
     assert QuantScheme(8, 0, True).storage_bits(10, 256) == 8 * 2560 + 16
+    assert QuantScheme(4, 128, False).storage_bits(10, 256, fractional_zero=True) == 4 * 2560 + 10 * 2 * 32
 
 
 def test_dequantize_follows_g_idx():

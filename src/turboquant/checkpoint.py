@@ -67,6 +67,7 @@ class CheckpointWriter:
             "dtype": dtype_name(qt.dtype),
             "scheme": qt.scheme.to_dict(),
             "act_order": qt.g_idx is not None,
+            "fractional_zero": not qt.integer_zero,
         }
         return qt.to_tensors(module)
 

@@ -49,7 +49,7 @@ def checkpoint_bits_per_weight(qdir: Path) -> float:
     total_bits = total_weights = 0
     for module, info in ckpt.modules.items():
         out_f, in_f = info["shape"]
-        total_bits += ckpt.scheme(module).storage_bits(out_f, in_f)
+        total_bits += ckpt.scheme(module).storage_bits(out_f, in_f, info.get("fractional_zero", False))
         total_weights += out_f * in_f
     return total_bits / total_weights
 

@@ -73,10 +73,13 @@ class QuantScheme:
         """Number of scale columns for a weight with ``in_features`` inputs."""
         return in_features // self.group_size if self.group_size > 0 else 1
 
-    def storage_bits(self, out_features: int, in_features: int) -> int:
-        """Bits a packed ``[out, in]`` weight needs: codes, float16 scales and (asymmetric) ``bits``-wide zeros."""
+    def storage_bits(self, out_features: int, in_features: int, fractional_zero: bool = False) -> int:
+        """Bits a packed ``[out, in]`` weight needs: codes, float16 scales and (asymmetric) zero points.
+
+        Integer zero points pack into ``bits`` bits; fractional ones (HQQ) are stored as float16.
+        """
         scale_rows = 1 if self.group_size == PER_TENSOR else out_features
-        per_scale = 16 + (0 if self.symmetric else self.bits)  # a fractional zero costs 16 bits, not bits
+        per_scale = 16 + (0 if self.symmetric else (16 if fractional_zero else self.bits))
         return self.bits * out_features * in_features + scale_rows * self.groups(in_features) * per_scale
 
     def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
@@ -226,7 +229,7 @@ def qparams_from_range(
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round-to-nearest codes of ``x`` under broadcastable ``scale`` and ``zero``, as float."""
+    """Round-to-nearest codes of ``x`` under broadcastable ``scale`` and integer ``zero``, as float."""
     return torch.div(x, scale).round_().add_(zero).clamp_(0, qmax)
 
 
