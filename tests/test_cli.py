@@ -73,3 +73,23 @@ def test_missing_model_is_one_line_error(tmp_path):
 def test_eval_missing_text(tiny_model, tmp_path):
     r = run("eval", tiny_model, "--text", tmp_path / "none.txt")
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_calibrate_then_gptq_quantize(tmp_path, tiny_model):
+    from turboquant.calibration import CalibrationSet
+
+    from conftest import CALIB
+
+    calib = tmp_path / "calib.safetensors"
+    r = run("calibrate", tiny_model, "--data", CALIB / "tiny.txt", "--n-samples", "4", "--seqlen", "64", "--out", calib)
+    assert r.exit_code == 0, r.output
+    assert CalibrationSet.load(calib).input_ids.shape == (4, 64) and "4 windows x 64 tokens" in r.output
+    out = tmp_path / "g"
+    r = run("quantize", tiny_model, "--method", "gptq", "--group-size", "32", "--calib", calib, "--out", out,
+            "--option", "act_order=true")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "turboquant.json").read_text())
+    assert meta["method"] == "gptq" and meta["config"]["act_order"] is True
+    assert meta["calibration"]["recipe"]["n_samples"] == 4
+    r = run("quantize", tiny_model, "--method", "gptq", "--group-size", "32", "--out", tmp_path / "none")
+    assert r.exit_code == 2 and "needs calibration data" in r.output and not (tmp_path / "none").exists()

@@ -1,0 +1,470 @@
+"""TurboQuant GPTQ / AWQ against the reference implementations, in one run: same model, same tokens, same scheme.
+
+    make bench-methods            # = .venv/bin/python benchmarks/methods_vs_reference.py (needs `make bench-env`)
+
+What it does, in order (every timed step runs alone, one after the other; all with the same torch thread count):
+
+1. builds the calibration set once with ``turboquant.calibration`` (128 windows x 512 tokens from calib/wiki.txt +
+   calib/c4.txt, seed 0) under ``benchmarks/work/methods_vs_reference/`` and saves the very same windows as a
+   ``datasets.Dataset`` (input_ids + attention_mask) for the reference tools;
+2. times our "unavoidable matrix work" for GPTQ: one forward of every block over the calibration set plus
+   ``H = XᵀX`` accumulation for every linear group (no solve), block-sequential like the real pipeline;
+3. times our quantize calls (RTN, GPTQ, AWQ if ``turboquant.methods.awq`` imports and runs);
+4. runs llm-compressor ``oneshot`` (GPTQ, AWQ) and GPTQModel (GPTQ) in ``.venv-bench`` as subprocesses
+   (``benchmarks/reference_runner.py``), which time only the quantize call and export dequantized float weights;
+5. evaluates every output with *our* evaluator (``evaluate_many``) against the float model on
+   heldout/all.txt (whole text, ctx 512): KL, top-1, perplexity;
+6. writes ``benchmarks/results/methods_vs_reference.{json,md}`` and prints the table.
+
+Schemes (what both sides support identically): GPTQ int4 symmetric g128 (llm-compressor's W4A16 preset), AWQ int4
+asymmetric g128 (W4A16_ASYM); min-max ranges. GPTQ uses llm-compressor's default column order ("static" act-order:
+columns by decreasing diag(H), group scales fitted up front on the original weights), damp 0.01, block 128, so
+ours runs with ``act_order=True, static_groups=True`` and GPTQModel with ``desc_act=True, static_groups=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TQ_SHARED", ROOT.parent / "shared"))
+MODEL = SHARED / "models" / "tq-ref-llama"
+CALIB_SOURCES = (SHARED / "data" / "calib" / "wiki.txt", SHARED / "data" / "calib" / "c4.txt")
+HELDOUT = SHARED / "data" / "heldout" / "all.txt"
+WORK = ROOT / "benchmarks" / "work" / "methods_vs_reference"
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
+RUNNER = ROOT / "benchmarks" / "reference_runner.py"
+
+# targets
+KL_RATIO = 1.0          # our KL <= theirs
+PPL_TOL_PCT = 0.5       # our perplexity within 0.5 % of theirs
+TIME_RATIO = 0.5        # our wall time <= 0.5 x theirs
+MATRIX_RATIO = 2.0      # our GPTQ time <= 2 x matrix work
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine_load() -> dict:
+    la = os.getloadavg()
+    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {"loadavg_1_5_15": [round(x, 2) for x in la], "uptime": up, "cpus": os.cpu_count(),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "datasets", "safetensors", "numpy", "turboquant"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    try:
+        out["turboquant_git"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. calibration
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_calibration(n_samples: int, seqlen: int):
+    """Our calibration set, built once (reused when the recipe matches), and the same windows as a Dataset."""
+    from datasets import Dataset, load_from_disk
+
+    from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration as build
+
+    recipe = CalibrationRecipe(sources=tuple(str(p) for p in CALIB_SOURCES), n_samples=n_samples, seqlen=seqlen,
+                               seed=0)
+    tag = f"calib-{n_samples}x{seqlen}"
+    path, ds_path = WORK / f"{tag}.safetensors", WORK / f"{tag}-dataset"
+    calib = None
+    if path.is_file():
+        calib = CalibrationSet.load(path)
+        if calib.recipe != recipe:
+            calib = None
+    if calib is None:
+        log(f"building calibration set {tag}")
+        calib = build(recipe, MODEL)
+        calib.save(path)
+        shutil.rmtree(ds_path, ignore_errors=True)
+    ids = calib.input_ids.tolist()
+    if ds_path.is_dir():
+        ds = load_from_disk(str(ds_path))
+        if ds["input_ids"] != ids:
+            shutil.rmtree(ds_path)
+    if not ds_path.is_dir():
+        Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]}).save_to_disk(str(ds_path))
+    return calib, path, ds_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. matrix work
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def matrix_work(calib, batch_size: int) -> dict:
+    """Block-sequential: embed, then per block one forward over all samples with ``H += xᵀx`` (float32) captured
+    for the first linear of every input group (the linears of a group share H). No solve, no quantization."""
+    from turboquant.model import open_model
+    from turboquant.sequential import BlockRunner
+
+    opened = open_model(MODEL)
+    t0 = time.perf_counter()
+    runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
+    t_embed = time.perf_counter() - t0
+    t_fwd = t_h = 0.0
+    n_tokens = calib.input_ids.numel()
+    for i in range(opened.n_layers):
+        block = runner.load_block(i)
+        hs: dict[str, torch.Tensor] = {}
+        timer = {"h": 0.0}
+
+        def hook_for(name: str):
+            def hook(module, args):
+                th = time.perf_counter()
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                if name not in hs:
+                    hs[name] = torch.zeros(x.shape[1], x.shape[1])
+                hs[name].addmm_(x.T, x, alpha=1.0 / n_tokens)
+                timer["h"] += time.perf_counter() - th
+            return hook
+
+        handles = [block.get_submodule(g.linears[0]).register_forward_pre_hook(hook_for(g.linears[0]))
+                   for g in opened.arch.groups]
+        tf = time.perf_counter()
+        out = runner.forward(block)
+        t_fwd += time.perf_counter() - tf - timer["h"]
+        t_h += timer["h"]
+        for h in handles:
+            h.remove()
+        runner.release_block(i)
+        runner.advance(out)
+        del hs
+    total = time.perf_counter() - t0
+    return {"seconds": total, "embed_seconds": t_embed, "forward_seconds": t_fwd, "hessian_seconds": t_h,
+            "blocks": opened.n_layers, "groups_per_block": len(opened.arch.groups), "tokens": n_tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. ours
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_ours(name: str, config, calib, batch_size: int) -> dict:
+    from turboquant.quantize import quantize
+
+    out = WORK / "out" / name
+    t0 = time.perf_counter()
+    quantize(MODEL, config, out, calib=calib, overwrite=True, progress=False, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    return {"tool": "turboquant", "quantize_seconds": seconds, "out": str(out),
+            "settings": {"method": config.method, **config.to_dict(), "batch_size": batch_size}}
+
+
+def our_configs(include_awq: bool) -> list[tuple[str, str, object, str]]:
+    """(row name, method family, config, note)."""
+    from turboquant.methods.gptq import GptqConfig
+    from turboquant.methods.rtn import RtnConfig
+
+    rows = [
+        ("ours-rtn-sym", "rtn", RtnConfig(bits=4, group_size=128, symmetric=True), "RTN int4 sym g128"),
+        ("ours-rtn-asym", "rtn", RtnConfig(bits=4, group_size=128, symmetric=False), "RTN int4 asym g128"),
+        ("ours-gptq", "gptq", GptqConfig(bits=4, group_size=128, symmetric=True, damp_percent=0.01, block_size=128,
+                                         act_order=True, static_groups=True),
+         "matched to llm-compressor W4A16 defaults (act-order static, damp 0.01, block 128)"),
+        ("ours-gptq-default", "gptq-default", GptqConfig(bits=4, group_size=128, symmetric=True),
+         "our defaults: no act-order, group scales refitted as the solver reaches them"),
+    ]
+    if include_awq:
+        from turboquant.methods.awq import AwqConfig
+
+        rows += [
+            ("ours-awq", "awq", AwqConfig(bits=4, group_size=128, symmetric=False),
+             "our AWQ defaults (duo scaling, grid 20, + clip search)"),
+            ("ours-awq-noclip", "awq-noclip", AwqConfig(bits=4, group_size=128, symmetric=False, clip=False),
+             "scale search only, as llm-compressor's AWQModifier (no clip search)"),
+        ]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. references
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_reference(tool: str, method: str, ds_path: Path, threads: int, batch_size: int, timeout: int) -> dict:
+    name = f"{'llmc' if tool == 'llmcompressor' else tool}-{method}"
+    out, report, logf = WORK / "out" / name, WORK / f"{name}.json", WORK / "logs" / f"{name}.log"
+    logf.parent.mkdir(parents=True, exist_ok=True)
+    report.unlink(missing_ok=True)
+    if not BENCH_PY.is_file():
+        return {"tool": tool, "error": f"{BENCH_PY} missing: run `make bench-env`"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "GPTQMODEL_CPU_WORKERS": str(threads),
+           "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(WORK / "gptqmodel-extensions"),
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    cmd = [str(BENCH_PY), str(RUNNER), "--tool", tool, "--method", method, "--model", str(MODEL),
+           "--dataset", str(ds_path), "--out", str(out), "--report", str(report), "--threads", str(threads),
+           "--batch-size", str(batch_size)]
+    t0 = time.perf_counter()
+    try:
+        with open(logf, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=ROOT)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = time.perf_counter() - t0
+    if rc != 0 or not report.is_file():
+        tail = logf.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
+        return {"tool": tool, "error": f"exit {rc}", "log": str(logf), "log_tail": tail, "subprocess_seconds": wall}
+    result = json.loads(report.read_text())
+    result["subprocess_seconds"] = wall
+    result["log"] = str(logf.relative_to(ROOT))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+def evaluate_all(outputs: dict[str, str], ctx: int, max_tokens: int | None = None) -> dict:
+    from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
+
+    ids = tokenize(load_tokenizer(MODEL), read_text(HELDOUT))
+    if max_tokens:
+        ids = ids[:max_tokens]
+    base = load_model(MODEL)
+    models = {name: load_model(path) for name, path in outputs.items()}
+    t0 = time.perf_counter()
+    res = evaluate_many(models, ids, ctx=ctx, baseline=base, text_name=str(HELDOUT))
+    log(f"evaluated {len(models)} models in {time.perf_counter() - t0:.0f} s")
+    return {name: r.to_dict() for name, r in res.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. report
+# ---------------------------------------------------------------------------------------------------------------
+
+def compare(ours: dict, theirs: dict, matrix: dict | None, gptq: bool) -> dict:
+    out: dict = {}
+    if ours.get("eval") and theirs.get("eval"):
+        kl_o, kl_t = ours["eval"]["kl"], theirs["eval"]["kl"]
+        ppl_o, ppl_t = ours["eval"]["ppl"], theirs["eval"]["ppl"]
+        out["kl_ratio"] = kl_o / kl_t
+        out["kl_pass"] = kl_o <= KL_RATIO * kl_t
+        out["ppl_diff_pct"] = 100 * (ppl_o / ppl_t - 1)
+        out["ppl_pass"] = abs(out["ppl_diff_pct"]) <= PPL_TOL_PCT
+    if ours.get("quantize_seconds") and theirs.get("quantize_seconds"):
+        out["time_ratio"] = ours["quantize_seconds"] / theirs["quantize_seconds"]
+        out["time_pass"] = out["time_ratio"] <= TIME_RATIO
+    if gptq and matrix and ours.get("quantize_seconds"):
+        out["matrix_ratio"] = ours["quantize_seconds"] / matrix["seconds"]
+        out["matrix_pass"] = out["matrix_ratio"] <= MATRIX_RATIO
+    return out
+
+
+def fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def pf(ok) -> str:
+    return "—" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def markdown(report: dict) -> str:
+    runs, cmp_, mw = report["runs"], report["comparisons"], report.get("matrix_work")
+    base = next((r["eval"] for r in runs.values() if r.get("eval")), None)
+    lines = [
+        "# TurboQuant vs reference quantizers (tq-ref-llama, CPU)",
+        "",
+        f"Generated {report['started']} by `benchmarks/methods_vs_reference.py`. "
+        f"Calibration: {report['calibration']['n_samples']} x {report['calibration']['seqlen']} tokens "
+        f"(calib/wiki.txt + calib/c4.txt, seed 0), the same token windows for every tool. "
+        f"Evaluation: heldout/all.txt, whole text, ctx {report['eval_ctx']}, "
+        f"{base['n_scored'] if base else '?'} scored tokens, our evaluator for every row. "
+        f"torch threads: {report['threads']} everywhere; batch {report['batch_size']} samples.",
+        "",
+        f"Machine: {report['machine']['cpu_model']}, {report['machine']['cpus']} CPUs; load average "
+        f"before {report['load_before']['loadavg_1_5_15']}, after {report['load_after']['loadavg_1_5_15']} "
+        "(1/5/15 min) — timings are wall-clock and noisy when the load is above the core count.",
+        "",
+    ]
+    if base:
+        lines += [f"Float baseline perplexity: {base['baseline_ppl']:.4f}", ""]
+    lines += ["| row | tool | scheme / settings | quantize s | KL | top-1 | ppl | Δppl vs float |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        e = r.get("eval") or {}
+        err = f" **failed: {r['error']}**" if r.get("error") else ""
+        lines.append(f"| {name} | {r.get('tool', '')} | {r.get('note', '')}{err} | {fmt(r.get('quantize_seconds'), '.1f')} | "
+                     f"{fmt(e.get('kl'), '.6f')} | {fmt(e.get('top1'), '.4f')} | {fmt(e.get('ppl'), '.4f')} | "
+                     f"{fmt(e.get('ppl_delta_pct'), '+.3f')} % |")
+    if mw:
+        lines += ["", f"Matrix work (one block-sequential forward over the calibration set + XᵀX for every linear "
+                  f"group, no solve): **{mw['seconds']:.1f} s** (embed {mw['embed_seconds']:.1f}, forward "
+                  f"{mw['forward_seconds']:.1f}, XᵀX {mw['hessian_seconds']:.1f})."]
+    lines += ["", "## Targets", "",
+              "| ours vs reference | KL ours/theirs (≤ 1) | ppl diff (≤ ±0.5 %) | time ours/theirs (≤ 0.5) | "
+              "GPTQ time / matrix work (≤ 2) |", "|---|---|---|---|---|"]
+    for key, c in cmp_.items():
+        lines.append(f"| {key} | {fmt(c.get('kl_ratio'), '.3f')} {pf(c.get('kl_pass'))} | "
+                     f"{fmt(c.get('ppl_diff_pct'), '+.3f')} % {pf(c.get('ppl_pass'))} | "
+                     f"{fmt(c.get('time_ratio'), '.3f')} {pf(c.get('time_pass'))} | "
+                     f"{fmt(c.get('matrix_ratio'), '.2f')} {pf(c.get('matrix_pass'))} |")
+    lines += ["", "## Settings", ""]
+    for name, r in runs.items():
+        if r.get("settings"):
+            lines.append(f"- **{name}**: `{json.dumps(r['settings'], default=str)[:600]}`")
+    lines += ["", "## Versions", "", f"- main env: `{json.dumps(report['versions'])}`"]
+    for name, r in runs.items():
+        if r.get("versions"):
+            lines.append(f"- {name}: `{json.dumps(r['versions'])}`")
+            break
+    errors = [(n, r) for n, r in runs.items() if r.get("error")]
+    if errors:
+        lines += ["", "## Failures", ""]
+        for n, r in errors:
+            lines.append(f"- **{n}**: {r['error']}")
+            for t in r.get("log_tail", [])[-8:]:
+                lines.append(f"    {t}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--only", default="", help="comma-separated row names to run (debugging)")
+    p.add_argument("--skip-refs", action="store_true")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--eval-tokens", type=int, default=0, help="debugging only: evaluate a prefix of the text")
+    p.add_argument("--ref-timeout", type=int, default=3600)
+    p.add_argument("--out", default=str(RESULTS / "methods_vs_reference"), help="results path without suffix")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    WORK.mkdir(parents=True, exist_ok=True)
+    only = set(filter(None, args.only.split(",")))
+    want = lambda n: not only or n in only  # noqa: E731
+    report: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
+                    "batch_size": args.batch_size, "eval_ctx": args.ctx, "model": str(MODEL),
+                    "eval_text": str(HELDOUT), "eval_tokens_limit": args.eval_tokens or None, "versions": versions(), "load_before": machine_load(),
+                    "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
+                    "targets": {"kl_ratio_max": KL_RATIO, "ppl_diff_pct_max": PPL_TOL_PCT,
+                                "time_ratio_max": TIME_RATIO, "gptq_over_matrix_work_max": MATRIX_RATIO}}
+    log(f"load before: {report['load_before']['uptime']}")
+
+    calib, calib_path, ds_path = build_calibration(args.n_samples, args.seqlen)
+    report["calibration"] = {**calib.recipe.to_dict(), "file": str(calib_path.relative_to(ROOT)),
+                             "dataset_dir": str(ds_path.relative_to(ROOT)), **calib.provenance}
+
+    # warm the lazy imports our quantize path does (transformers' Llama modelling), so they are not timed
+    from turboquant.model import build_skeleton
+    build_skeleton(MODEL, dtype=torch.float32)
+
+    runs: dict[str, dict] = {}
+    loads: dict[str, list] = {}
+    if want("matrix-work"):
+        log("matrix work (forward + XᵀX, no solve)")
+        report["matrix_work"] = matrix_work(calib, args.batch_size)
+        loads["matrix-work"] = list(os.getloadavg())
+        log(f"  {report['matrix_work']['seconds']:.1f} s")
+
+    include_awq, awq_error = True, None
+    try:
+        import turboquant.methods.awq  # noqa: F401
+    except Exception as e:  # in progress elsewhere: report, run the rest
+        include_awq, awq_error = False, f"turboquant.methods.awq does not import: {type(e).__name__}: {e}"
+    for name, family, cfg, note in our_configs(include_awq):
+        if not want(name):
+            continue
+        log(f"{name}: {note}")
+        try:
+            r = run_ours(name, cfg, calib, args.batch_size)
+        except Exception as e:
+            r = {"tool": "turboquant", "error": f"{type(e).__name__}: {e}",
+                 "log_tail": traceback.format_exc().splitlines()[-8:]}
+        r.update(family=family, note=note)
+        runs[name] = r
+        loads[name] = list(os.getloadavg())
+        log(f"  {r.get('quantize_seconds', float('nan')):.1f} s {r.get('error', '')}")
+    if awq_error:
+        runs["ours-awq"] = {"tool": "turboquant", "family": "awq", "error": awq_error}
+
+    refs = [("llmcompressor", "gptq", "llmc-gptq", "gptq", "llm-compressor GPTQModifier W4A16 (sym g128), defaults"),
+            ("gptqmodel", "gptq", "gptqmodel-gptq", "gptq",
+             "GPTQModel desc_act + static_groups, damp 0.01, sym g128"),
+            ("llmcompressor", "awq", "llmc-awq", "awq", "llm-compressor AWQModifier + W4A16_ASYM (asym g128)")]
+    if not args.skip_refs:
+        for tool, method, name, family, note in refs:
+            if not want(name):
+                continue
+            log(f"{name}: {note}")
+            r = run_reference(tool, method, ds_path, args.threads, args.batch_size, args.ref_timeout)
+            r.update(family=family, note=note)
+            runs[name] = r
+            loads[name] = list(os.getloadavg())
+            log(f"  {r.get('quantize_seconds', float('nan')):.1f} s {r.get('error', '')}")
+
+    if not args.skip_eval:
+        outputs = {n: r["out"] for n, r in runs.items() if r.get("out") and not r.get("error")}
+        if outputs:
+            log(f"evaluating {len(outputs)} outputs + float baseline on {HELDOUT.name}")
+            evals = evaluate_all(outputs, args.ctx, args.eval_tokens or None)
+            for n, e in evals.items():
+                runs[n]["eval"] = e
+
+    mw = report.get("matrix_work")
+    pairs = [("GPTQ: ours-gptq vs llmc-gptq", "ours-gptq", "llmc-gptq", True),
+             ("GPTQ: ours-gptq vs gptqmodel-gptq", "ours-gptq", "gptqmodel-gptq", True),
+             ("GPTQ: ours-gptq-default vs llmc-gptq", "ours-gptq-default", "llmc-gptq", True),
+             ("AWQ: ours-awq vs llmc-awq", "ours-awq", "llmc-awq", False),
+             ("AWQ: ours-awq-noclip vs llmc-awq", "ours-awq-noclip", "llmc-awq", False)]
+    report["comparisons"] = {k: compare(runs[a], runs[b], mw, g) for k, a, b, g in pairs if a in runs and b in runs}
+    report["load_after_each_step"] = loads
+    report["load_after"] = machine_load()
+    report["runs"] = runs
+    log(f"load after: {report['load_after']['uptime']}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md = markdown(report)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
