@@ -216,6 +216,71 @@ def our_configs(include_awq: bool) -> list[tuple[str, str, object, str]]:
     return rows
 
 
+def gptq_breakdown(config, calib, batch_size: int) -> dict:
+    """Where our GPTQ's time goes: the same quantize call with timers wrapped around its phases (a separate run;
+    the timed rows above run unwrapped). ``capture`` is net of the XᵀX accumulation inside it."""
+    import turboquant.quantize as tq_quantize
+    from turboquant import sequential
+    from turboquant.checkpoint import CheckpointWriter
+    from turboquant.methods import gptq
+
+    acc = {"start (embed)": 0.0, "load_block": 0.0, "capture forwards (per group, re-run from block input)": 0.0,
+           "XᵀX + mean|x| accumulation": 0.0, "output forward (quantized block)": 0.0, "solve (gptq.quantize_weight)": 0.0,
+           "set dequantized weight": 0.0, "write shards": 0.0}
+    calls = {k: 0 for k in acc}
+    nested = {"add": 0.0}
+    patches = []
+
+    def wrap(owner, attr, key, is_add=False):
+        orig = getattr(owner, attr)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return orig(*a, **kw)
+            finally:
+                dt = time.perf_counter() - t
+                acc[key] += dt
+                calls[key] += 1
+                if is_add:
+                    nested["add"] += dt
+        patches.append((owner, attr, orig))
+        setattr(owner, attr, timed)
+
+    orig_capture = sequential.BlockRunner.capture
+
+    def capture(self, *a, **kw):
+        before = nested["add"]
+        t = time.perf_counter()
+        try:
+            return orig_capture(self, *a, **kw)
+        finally:
+            key = "capture forwards (per group, re-run from block input)"
+            acc[key] += time.perf_counter() - t - (nested["add"] - before)
+            calls[key] += 1
+
+    wrap(sequential.BlockRunner, "start", "start (embed)")
+    wrap(sequential.BlockRunner, "load_block", "load_block")
+    wrap(sequential.InputStats, "add", "XᵀX + mean|x| accumulation", is_add=True)
+    wrap(sequential.BlockRunner, "forward", "output forward (quantized block)")
+    wrap(gptq, "quantize_weight", "solve (gptq.quantize_weight)")
+    wrap(tq_quantize, "_set_weight", "set dequantized weight")
+    wrap(CheckpointWriter, "write_shard", "write shards")
+    patches.append((sequential.BlockRunner, "capture", orig_capture))
+    sequential.BlockRunner.capture = capture
+    try:
+        r = run_ours("breakdown-gptq", config, calib, batch_size)
+    finally:
+        for owner, attr, orig in reversed(patches):
+            setattr(owner, attr, orig)
+    shutil.rmtree(r["out"], ignore_errors=True)
+    total = r["quantize_seconds"]
+    phases = {k: {"seconds": round(v, 2), "calls": calls[k], "share": round(v / total, 3)} for k, v in acc.items()}
+    phases["other"] = {"seconds": round(total - sum(acc.values()), 2), "calls": 0,
+                       "share": round(1 - sum(acc.values()) / total, 3)}
+    return {"seconds": total, "phases": phases}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. references
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,6 +396,12 @@ def markdown(report: dict) -> str:
         lines += ["", f"Matrix work (one block-sequential forward over the calibration set + XᵀX for every linear "
                   f"group, no solve): **{mw['seconds']:.1f} s** (embed {mw['embed_seconds']:.1f}, forward "
                   f"{mw['forward_seconds']:.1f}, XᵀX {mw['hessian_seconds']:.1f})."]
+    bd = report.get("gptq_breakdown")
+    if bd:
+        lines += ["", f"Where ours-gptq's time goes (a separate instrumented run, {bd['seconds']:.1f} s):", "",
+                  "| phase | s | calls | share |", "|---|---:|---:|---:|"]
+        for k, v in bd["phases"].items():
+            lines.append(f"| {k} | {v['seconds']:.1f} | {v['calls']} | {100 * v['share']:.0f} % |")
     lines += ["", "## Targets", "",
               "| ours vs reference | KL ours/theirs (≤ 1) | ppl diff (≤ ±0.5 %) | time ours/theirs (≤ 0.5) | "
               "GPTQ time / matrix work (≤ 2) |", "|---|---|---|---|---|"]
@@ -367,6 +438,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--only", default="", help="comma-separated row names to run (debugging)")
     p.add_argument("--skip-refs", action="store_true")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the extra instrumented GPTQ run")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--eval-tokens", type=int, default=0, help="debugging only: evaluate a prefix of the text")
     p.add_argument("--ref-timeout", type=int, default=3600)
@@ -420,6 +492,11 @@ def main() -> None:
         runs[name] = r
         loads[name] = list(os.getloadavg())
         log(f"  {r.get('quantize_seconds', float('nan')):.1f} s {r.get('error', '')}")
+    if not args.no_breakdown and want("breakdown"):
+        gcfg = next(c for n, _, c, _ in our_configs(False) if n == "ours-gptq")
+        log("ours-gptq again, instrumented (where the time goes)")
+        report["gptq_breakdown"] = gptq_breakdown(gcfg, calib, args.batch_size)
+        log(f"  {report['gptq_breakdown']['seconds']:.1f} s")
     if awq_error:
         runs["ours-awq"] = {"tool": "turboquant", "family": "awq", "error": awq_error}
 

@@ -79,3 +79,27 @@ def test_vocab_mismatch_is_refused():
     calib = CalibrationSet(torch.tensor([[5, 9000]]), CalibrationRecipe(("x",), 1, 2))
     with pytest.raises(DataError, match="token id 9000 is outside the model's vocabulary \\(4096\\)"):
         check_vocab(calib, 4096)
+
+
+def test_chat_template_wraps_each_document(tmp_path):
+    import shutil
+
+    tok_dir = tmp_path / "chat-tok"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copyfile(REF_MODEL / name, tok_dir / name)
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}</s>{% endfor %}"
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": f"question {i} " * 30}) for i in range(4)))
+    recipe = CalibrationRecipe((str(tmp_path / "docs.jsonl"),), n_samples=2, seqlen=32, chat_template=True)
+    calib = build_calibration(recipe, tok_dir)
+    plain = build_calibration(CalibrationRecipe(recipe.sources, 2, 32), tok_dir)
+    eos = 1
+    assert calib.input_ids.shape == (2, 32)
+    assert not torch.equal(calib.input_ids, plain.input_ids)
+    assert calib.provenance["n_text_tokens"] > plain.provenance["n_text_tokens"]
+    with pytest.raises(DataError, match="no chat template"):
+        build_calibration(recipe, REF_MODEL)
+    assert eos in build_calibration(CalibrationRecipe(recipe.sources, 1, calib.provenance["n_text_tokens"] - 1,
+                                                      chat_template=True), tok_dir).input_ids
