@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
@@ -139,10 +139,7 @@ class _Tally:
     base_nll: float = 0.0
     n: int = 0
     agree: int = 0
-    kls: list = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.kls = []
+    kls: list[torch.Tensor] = field(default_factory=list)
 
 
 @torch.inference_mode()
