@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import torch
 
 from turboquant.errors import ModelLoadError
-from turboquant.hub import fetch_snapshot
+from turboquant.hub import MODEL_FILE_PATTERNS, fetch_snapshot
 
 # ---------------------------------------------------------------------------------------------------------------
 # Architecture table
@@ -82,18 +82,8 @@ def arch_for(config: dict) -> ArchSpec:
 
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-AUX_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.*",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template.*",
-    "LICENSE*",
-    "NOTICE*",
-)
+#: Files that travel unchanged with every output: what a run fetches, less the weights and the repo's README.
+AUX_FILE_PATTERNS = tuple(p for p in MODEL_FILE_PATTERNS if "safetensors" not in p and p != "README.md")
 
 
 @dataclass(frozen=True)
