@@ -19,8 +19,8 @@ def ref_setup(ref_model, heldout_text):
 def rtn_results(ref_setup, ref_model, tmp_path_factory):
     baseline, ids = ref_setup
     models = {}
-    for label, opts in {"w8g128": dict(bits=8, group_size=128), "w4g128": dict(bits=4, group_size=128),
-                        "w4chan": dict(bits=4, group_size=-1)}.items():
+    for label, opts in {"w8g128": dict(bits=8, group_size=128), "w4g128": dict(bits=4, group_size=128, symmetric=False),
+                        "w4chan": dict(bits=4, group_size=-1, symmetric=False)}.items():
         qdir = quantize(ref_model, make_config("rtn", **opts), tmp_path_factory.mktemp(label) / "q", progress=False)
         models[label] = load_model(qdir)
     return evaluate_many(models, ids, ctx=512, baseline=baseline)
