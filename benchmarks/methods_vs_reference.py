@@ -36,7 +36,12 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+# Set before torch loads, for this process and (inherited) the reference subprocesses alike: OpenMP threads sleep
+# instead of spinning while they wait, as `import turboquant` sets by default (spinning threads on a shared 2-core
+# machine make every small op wait for a scheduler slice). Same runtime settings for every tool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TQ_SHARED", ROOT.parent / "shared"))
@@ -190,7 +195,7 @@ def run_ours(name: str, config, calib, batch_size: int) -> dict:
             "settings": {"method": config.method, **config.to_dict(), "batch_size": batch_size}}
 
 
-def our_configs(include_awq: bool) -> list[tuple[str, str, object, str]]:
+def our_configs(include_awq: bool, extended: bool = False) -> list[tuple[str, str, object, str]]:
     """(row name, method family, config, note)."""
     from turboquant.methods.gptq import GptqConfig
     from turboquant.methods.rtn import RtnConfig
@@ -200,16 +205,23 @@ def our_configs(include_awq: bool) -> list[tuple[str, str, object, str]]:
         ("ours-rtn-asym", "rtn", RtnConfig(bits=4, group_size=128, symmetric=False), "RTN int4 asym g128"),
         ("ours-gptq", "gptq", GptqConfig(bits=4, group_size=128, symmetric=True, damp_percent=0.01, block_size=128,
                                          act_order=True, static_groups=True),
-         "matched to llm-compressor W4A16 defaults (act-order static, damp 0.01, block 128)"),
-        ("ours-gptq-default", "gptq-default", GptqConfig(bits=4, group_size=128, symmetric=True),
-         "our defaults: no act-order, group scales refitted as the solver reaches them"),
+         "act-order, static groups, damp 0.01, block 128, true_sequential (= llm-compressor's W4A16 solver "
+         "settings; GPTQModel's desc_act+static_groups)"),
+        ("ours-gptq-nots", "gptq", GptqConfig(bits=4, group_size=128, symmetric=True, damp_percent=0.01,
+                                              block_size=128, act_order=True, static_groups=True,
+                                              true_sequential=False),
+         "as ours-gptq but true_sequential=False: one capture per block, as llm-compressor does"),
     ]
+    if extended:
+        rows += [("ours-gptq-default", "gptq-default", GptqConfig(bits=4, group_size=128, symmetric=True),
+         "our defaults: no act-order, group scales refitted as the solver reaches them")]
     if include_awq:
         from turboquant.methods.awq import AwqConfig
 
+        rows += [("ours-awq", "awq", AwqConfig(bits=4, group_size=128, symmetric=False),
+                  "our AWQ defaults (duo scaling, grid 20, + clip search)")]
+    if include_awq and extended:
         rows += [
-            ("ours-awq", "awq", AwqConfig(bits=4, group_size=128, symmetric=False),
-             "our AWQ defaults (duo scaling, grid 20, + clip search)"),
             ("ours-awq-noclip", "awq-noclip", AwqConfig(bits=4, group_size=128, symmetric=False, clip=False),
              "scale search only, as llm-compressor's AWQModifier (no clip search)"),
         ]
@@ -293,7 +305,7 @@ def run_reference(tool: str, method: str, ds_path: Path, threads: int, batch_siz
     if not BENCH_PY.is_file():
         return {"tool": tool, "error": f"{BENCH_PY} missing: run `make bench-env`"}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-           "GPTQMODEL_CPU_WORKERS": str(threads),
+           "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "GPTQMODEL_CPU_WORKERS": str(threads),
            "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(WORK / "gptqmodel-extensions"),
            "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     cmd = [str(BENCH_PY), str(RUNNER), "--tool", tool, "--method", method, "--model", str(MODEL),
@@ -372,10 +384,12 @@ def markdown(report: dict) -> str:
         "",
         f"Generated {report['started']} by `benchmarks/methods_vs_reference.py`. "
         f"Calibration: {report['calibration']['n_samples']} x {report['calibration']['seqlen']} tokens "
-        f"(calib/wiki.txt + calib/c4.txt, seed 0), the same token windows for every tool. "
+        f"(calib/wiki.txt + calib/c4.txt, seed 0), the same token windows for every tool; AWQ rows (ours and "
+        f"llm-compressor alike) use the first {report['calibration']['awq_windows']} of them. "
         f"Evaluation: heldout/all.txt, whole text, ctx {report['eval_ctx']}, "
         f"{base['n_scored'] if base else '?'} scored tokens, our evaluator for every row. "
-        f"torch threads: {report['threads']} everywhere; batch {report['batch_size']} samples.",
+        f"torch threads: {report['threads']} everywhere (torch.set_num_threads, OMP_NUM_THREADS), "
+        f"OMP_WAIT_POLICY={report['omp_wait_policy']} for every tool; batch {report['batch_size']} samples.",
         "",
         f"Machine: {report['machine']['cpu_model']}, {report['machine']['cpus']} CPUs; load average "
         f"before {report['load_before']['loadavg_1_5_15']}, after {report['load_after']['loadavg_1_5_15']} "
@@ -389,12 +403,16 @@ def markdown(report: dict) -> str:
     for name, r in runs.items():
         e = r.get("eval") or {}
         err = f" **failed: {r['error']}**" if r.get("error") else ""
+        if r.get("calibration_windows"):
+            err = f" ({r['calibration_windows']} calibration windows)" + err
         lines.append(f"| {name} | {r.get('tool', '')} | {r.get('note', '')}{err} | {fmt(r.get('quantize_seconds'), '.1f')} | "
                      f"{fmt(e.get('kl'), '.6f')} | {fmt(e.get('top1'), '.4f')} | {fmt(e.get('ppl'), '.4f')} | "
                      f"{fmt(e.get('ppl_delta_pct'), '+.3f')} % |")
     if mw:
         lines += ["", f"Matrix work (one block-sequential forward over the calibration set + XᵀX for every linear "
-                  f"group, no solve): **{mw['seconds']:.1f} s** (embed {mw['embed_seconds']:.1f}, forward "
+                  f"group, no solve, measured {len(mw.get('all_seconds', [1]))}x: "
+                  f"{', '.join(f'{x:.1f}' for x in mw.get('all_seconds', [mw['seconds']]))} s; the fastest is used): "
+                  f"**{mw['seconds']:.1f} s** (embed {mw['embed_seconds']:.1f}, forward "
                   f"{mw['forward_seconds']:.1f}, XᵀX {mw['hessian_seconds']:.1f})."]
     bd = report.get("gptq_breakdown")
     if bd:
@@ -437,11 +455,15 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--only", default="", help="comma-separated row names to run (debugging)")
+    p.add_argument("--awq-samples", type=int, default=32,
+                   help="AWQ rows (ours and llm-compressor) use the first N calibration windows (0: all)")
+    p.add_argument("--extended", action="store_true",
+                   help="also ours-gptq-default and ours-awq-noclip (about 10 more minutes)")
     p.add_argument("--skip-refs", action="store_true")
     p.add_argument("--no-breakdown", action="store_true", help="skip the extra instrumented GPTQ run")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--eval-tokens", type=int, default=0, help="debugging only: evaluate a prefix of the text")
-    p.add_argument("--ref-timeout", type=int, default=3600)
+    p.add_argument("--ref-timeout", type=int, default=1800)
     p.add_argument("--out", default=str(RESULTS / "methods_vs_reference"), help="results path without suffix")
     args = p.parse_args()
 
@@ -451,6 +473,7 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     want = lambda n: not only or n in only  # noqa: E731
     report: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
+                    "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                     "batch_size": args.batch_size, "eval_ctx": args.ctx, "model": str(MODEL),
                     "eval_text": str(HELDOUT), "eval_tokens_limit": args.eval_tokens or None, "versions": versions(), "load_before": machine_load(),
                     "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
@@ -459,8 +482,25 @@ def main() -> None:
     log(f"load before: {report['load_before']['uptime']}")
 
     calib, calib_path, ds_path = build_calibration(args.n_samples, args.seqlen)
+    # AWQ (both sides) on the first --awq-samples windows of the same set: llm-compressor's AWQ grid search runs
+    # every candidate over every cached sample, ~50 min for 128 windows on this loaded 2-core machine.
+    awq_calib, awq_ds_path = calib, ds_path
+    if 0 < args.awq_samples < calib.input_ids.shape[0]:
+        from datasets import Dataset
+
+        from turboquant.calibration import CalibrationSet
+
+        awq_calib = CalibrationSet(calib.input_ids[: args.awq_samples].clone(), calib.recipe,
+                                   {**calib.provenance, "windows_used": f"first {args.awq_samples}"})
+        awq_ds_path = WORK / f"{ds_path.name}-first{args.awq_samples}"
+        shutil.rmtree(awq_ds_path, ignore_errors=True)
+        ids = awq_calib.input_ids.tolist()
+        Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]}).save_to_disk(
+            str(awq_ds_path))
     report["calibration"] = {**calib.recipe.to_dict(), "file": str(calib_path.relative_to(ROOT)),
-                             "dataset_dir": str(ds_path.relative_to(ROOT)), **calib.provenance}
+                             "dataset_dir": str(ds_path.relative_to(ROOT)), **calib.provenance,
+                             "awq_windows": int(awq_calib.input_ids.shape[0]),
+                             "awq_dataset_dir": str(awq_ds_path.relative_to(ROOT))}
 
     # warm the lazy imports our quantize path does (transformers' Llama modelling), so they are not timed
     from turboquant.model import build_skeleton
@@ -468,23 +508,34 @@ def main() -> None:
 
     runs: dict[str, dict] = {}
     loads: dict[str, list] = {}
-    if want("matrix-work"):
-        log("matrix work (forward + XᵀX, no solve)")
-        report["matrix_work"] = matrix_work(calib, args.batch_size)
-        loads["matrix-work"] = list(os.getloadavg())
-        log(f"  {report['matrix_work']['seconds']:.1f} s")
+    mw_runs: list[dict] = []
+
+    def measure_matrix_work(tag: str) -> None:
+        """Measured before and after our GPTQ rows; the faster (least disturbed) one is used for the ratio."""
+        if not want("matrix-work"):
+            return
+        log(f"matrix work (forward + XᵀX, no solve), {tag}")
+        mw_runs.append({**matrix_work(calib, args.batch_size), "when": tag})
+        loads[f"matrix-work {tag}"] = list(os.getloadavg())
+        log(f"  {mw_runs[-1]['seconds']:.1f} s")
+        best = min(mw_runs, key=lambda r: r["seconds"])
+        report["matrix_work"] = {**best, "all_seconds": [r["seconds"] for r in mw_runs], "runs": mw_runs}
+
+    measure_matrix_work("before our GPTQ runs")
 
     include_awq, awq_error = True, None
     try:
         import turboquant.methods.awq  # noqa: F401
     except Exception as e:  # in progress elsewhere: report, run the rest
         include_awq, awq_error = False, f"turboquant.methods.awq does not import: {type(e).__name__}: {e}"
-    for name, family, cfg, note in our_configs(include_awq):
+    rows = our_configs(include_awq, args.extended)
+    last_gptq = [n for n, f, _, _ in rows if f.startswith("gptq")][-1]
+    for name, family, cfg, note in rows:
         if not want(name):
             continue
         log(f"{name}: {note}")
         try:
-            r = run_ours(name, cfg, calib, args.batch_size)
+            r = run_ours(name, cfg, awq_calib if family.startswith("awq") else calib, args.batch_size)
         except Exception as e:
             r = {"tool": "turboquant", "error": f"{type(e).__name__}: {e}",
                  "log_tail": traceback.format_exc().splitlines()[-8:]}
@@ -492,6 +543,10 @@ def main() -> None:
         runs[name] = r
         loads[name] = list(os.getloadavg())
         log(f"  {r.get('quantize_seconds', float('nan')):.1f} s {r.get('error', '')}")
+        if family.startswith("awq"):
+            r["calibration_windows"] = int(awq_calib.input_ids.shape[0])
+        if name == last_gptq:
+            measure_matrix_work("after our GPTQ runs")
     if not args.no_breakdown and want("breakdown"):
         gcfg = next(c for n, _, c, _ in our_configs(False) if n == "ours-gptq")
         log("ours-gptq again, instrumented (where the time goes)")
@@ -509,7 +564,10 @@ def main() -> None:
             if not want(name):
                 continue
             log(f"{name}: {note}")
-            r = run_reference(tool, method, ds_path, args.threads, args.batch_size, args.ref_timeout)
+            r = run_reference(tool, method, awq_ds_path if method == "awq" else ds_path, args.threads,
+                              args.batch_size, args.ref_timeout)
+            if method == "awq":
+                r["calibration_windows"] = int(awq_calib.input_ids.shape[0])
             r.update(family=family, note=note)
             runs[name] = r
             loads[name] = list(os.getloadavg())
@@ -525,6 +583,7 @@ def main() -> None:
 
     mw = report.get("matrix_work")
     pairs = [("GPTQ: ours-gptq vs llmc-gptq", "ours-gptq", "llmc-gptq", True),
+             ("GPTQ: ours-gptq-nots vs llmc-gptq", "ours-gptq-nots", "llmc-gptq", True),
              ("GPTQ: ours-gptq vs gptqmodel-gptq", "ours-gptq", "gptqmodel-gptq", True),
              ("GPTQ: ours-gptq-default vs llmc-gptq", "ours-gptq-default", "llmc-gptq", True),
              ("AWQ: ours-awq vs llmc-awq", "ours-awq", "llmc-awq", False),
