@@ -162,6 +162,7 @@ print(json.dumps({"before": before, "hwm_reset_works": reset_hwm(),
 CHILD_TIMING = _RSS_HELPERS + r"""
 import os, shutil, statistics, time
 from pathlib import Path
+import turboquant  # first, as the CLI does: it sets the OpenMP wait policy before torch loads
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
