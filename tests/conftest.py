@@ -21,6 +21,17 @@ def pytest_configure(config):
         raise pytest.UsageError(f"reference data missing: {missing[0]} (tests expect ../shared beside the repo)")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny problems: one intra-op thread is faster, and immune to OpenMP stalls on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ref_model() -> Path:
     return REF_MODEL

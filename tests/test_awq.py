@@ -17,13 +17,7 @@ ARCH = ARCHITECTURES["llama"]
 OUTLIERS = [3, 17, 42, 99]  # input channels with x20 activations: what AWQ protects
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one intra-op thread is faster, and immune to OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hidden(seed):

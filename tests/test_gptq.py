@@ -12,13 +12,7 @@ from turboquant.methods.rtn import RtnConfig, rtn_quantize
 from turboquant.tensor import QuantizedTensor, QuantScheme, qparams_from_range
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread is faster, and immune to OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed=0, n_tok=2048, d_in=256, d_out=128, outliers=0):

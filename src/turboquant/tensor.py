@@ -173,6 +173,26 @@ class QuantizedTensor:
         weight = (self.codes.float() - zero) * scale
         return weight.to(dtype or self.dtype)
 
+    @classmethod
+    def from_groups(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        scheme: QuantScheme,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        integer_zero: bool = True,
+    ) -> "QuantizedTensor":
+        """Store float ``codes`` ``[rows, G, g]`` (``group_view`` layout) with their float scale and zero ``[rows, G]``."""
+        return cls(
+            codes=codes.reshape(shape).to(torch.uint8),
+            scale=scale.to(SCALE_DTYPE),
+            zero=zero.to(torch.uint8 if integer_zero else torch.float16),
+            scheme=scheme,
+            dtype=dtype,
+        )
+
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat, packed tensors for the canonical checkpoint (``prefix`` is the module name)."""
         out = {

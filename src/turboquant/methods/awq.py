@@ -109,13 +109,7 @@ def quantize_weight(W: torch.Tensor, cfg: AwqConfig, clip_max: torch.Tensor | No
     if clip_max is not None and tuple(clip_max.shape) != tuple(groups.shape[:2]):
         raise ValueError(f"clip_max has shape {tuple(clip_max.shape)}, expected {tuple(groups.shape[:2])}")
     codes, scale, zero = _quantize_groups(groups, scheme, None if clip_max is None else clip_max.float())
-    return QuantizedTensor(
-        codes=codes.reshape(W.shape).to(torch.uint8),
-        scale=scale.to(torch.float16),
-        zero=zero.to(torch.uint8),
-        scheme=scheme,
-        dtype=W.dtype,
-    )
+    return QuantizedTensor.from_groups(codes, scale, zero, scheme, W.shape, W.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -148,10 +148,4 @@ def quantize_weight(W: torch.Tensor, cfg: HqqConfig) -> QuantizedTensor:
             best = _keep_better(best, _half_quadratic(G, s_f, z.clamp(0, qmax), qmax, cfg, fit_zero=False))
     scale, zero = best[0], best[1]
     codes, _ = _codes(G, scale, zero, qmax)
-    return QuantizedTensor(
-        codes=codes.reshape(W.shape).to(torch.uint8),
-        scale=scale.to(torch.float16),
-        zero=zero.to(torch.uint8 if cfg.integer_zero else torch.float16),
-        scheme=scheme,
-        dtype=W.dtype,
-    )
+    return QuantizedTensor.from_groups(codes, scale, zero, scheme, W.shape, W.dtype, integer_zero=cfg.integer_zero)

@@ -76,13 +76,7 @@ def rtn_quantize(weight: torch.Tensor, scheme: QuantScheme, cfg: RtnConfig | Non
     groups = group_view(W, scheme)
     scale, zero = group_qparams(groups, scheme, cfg)
     codes = quantize_codes(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), scheme.qmax)
-    return QuantizedTensor(
-        codes=codes.reshape(W.shape).to(torch.uint8),
-        scale=scale.to(torch.float16),
-        zero=zero.to(torch.uint8),
-        scheme=scheme,
-        dtype=weight.dtype,
-    )
+    return QuantizedTensor.from_groups(codes, scale, zero, scheme, W.shape, weight.dtype)
 
 
 @register_method("rtn", RtnConfig, "round-to-nearest, any bits/group (optional MSE clip search)", kind="weight")
