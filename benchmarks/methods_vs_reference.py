@@ -207,6 +207,10 @@ def our_configs(include_awq: bool, extended: bool = False) -> list[tuple[str, st
                                          act_order=True, static_groups=True),
          "act-order, static groups, damp 0.01, block 128, true_sequential (= llm-compressor's W4A16 solver "
          "settings; GPTQModel's desc_act+static_groups)"),
+        ("ours-gptq-mse", "gptq", GptqConfig(bits=4, group_size=128, symmetric=True, damp_percent=0.01,
+                                             block_size=128, act_order=True, static_groups=True, mse_clip=True),
+         "as ours-gptq + mse_clip: each group's range searched for least error (GPTQModel's `mse` option, off "
+         "by default there)"),
         ("ours-gptq-nots", "gptq", GptqConfig(bits=4, group_size=128, symmetric=True, damp_percent=0.01,
                                               block_size=128, act_order=True, static_groups=True,
                                               true_sequential=False),
@@ -230,56 +234,49 @@ def our_configs(include_awq: bool, extended: bool = False) -> list[tuple[str, st
 
 def gptq_breakdown(config, calib, batch_size: int) -> dict:
     """Where our GPTQ's time goes: the same quantize call with timers wrapped around its phases (a separate run;
-    the timed rows above run unwrapped). ``capture`` is net of the XᵀX accumulation inside it."""
+    the timed rows above run unwrapped). Each phase counts its own time only: time spent in another timed phase
+    called from inside it (XᵀX accumulation and the solver inside the staged block run) is counted there."""
     import turboquant.quantize as tq_quantize
     from turboquant import sequential
     from turboquant.checkpoint import CheckpointWriter
     from turboquant.methods import gptq
 
-    acc = {"start (embed)": 0.0, "load_block": 0.0, "capture forwards (per group, re-run from block input)": 0.0,
-           "XᵀX + mean|x| accumulation": 0.0, "output forward (quantized block)": 0.0, "solve (gptq.quantize_weight)": 0.0,
-           "set dequantized weight": 0.0, "write shards": 0.0}
-    calls = {k: 0 for k in acc}
-    nested = {"add": 0.0}
+    phases = [
+        (sequential.BlockRunner, "start", "start (embed)"),
+        (sequential.BlockRunner, "load_block", "load_block"),
+        (tq_quantize, "run_staged", "staged block run: norms, attention, MLP, residuals (one pass)"),
+        (sequential.BlockRunner, "capture", "capture forwards (re-run from block input)"),
+        (sequential.InputStats, "add", "XᵀX accumulation"),
+        (sequential.BlockRunner, "forward", "output forward (quantized block)"),
+        (gptq, "quantize_weight", "solve (gptq.quantize_weight)"),
+        (tq_quantize, "_set_weight", "set dequantized weight"),
+        (CheckpointWriter, "write_shard", "write shards"),
+    ]
+    acc = {key: 0.0 for _, _, key in phases}
+    calls = {key: 0 for key in acc}
+    stack: list[float] = []  # time of timed calls nested inside each open timed call
     patches = []
 
-    def wrap(owner, attr, key, is_add=False):
+    def wrap(owner, attr, key):
         orig = getattr(owner, attr)
 
         def timed(*a, **kw):
+            stack.append(0.0)
             t = time.perf_counter()
             try:
                 return orig(*a, **kw)
             finally:
                 dt = time.perf_counter() - t
-                acc[key] += dt
+                nested = stack.pop()
+                acc[key] += dt - nested
                 calls[key] += 1
-                if is_add:
-                    nested["add"] += dt
+                if stack:
+                    stack[-1] += dt
         patches.append((owner, attr, orig))
         setattr(owner, attr, timed)
 
-    orig_capture = sequential.BlockRunner.capture
-
-    def capture(self, *a, **kw):
-        before = nested["add"]
-        t = time.perf_counter()
-        try:
-            return orig_capture(self, *a, **kw)
-        finally:
-            key = "capture forwards (per group, re-run from block input)"
-            acc[key] += time.perf_counter() - t - (nested["add"] - before)
-            calls[key] += 1
-
-    wrap(sequential.BlockRunner, "start", "start (embed)")
-    wrap(sequential.BlockRunner, "load_block", "load_block")
-    wrap(sequential.InputStats, "add", "XᵀX + mean|x| accumulation", is_add=True)
-    wrap(sequential.BlockRunner, "forward", "output forward (quantized block)")
-    wrap(gptq, "quantize_weight", "solve (gptq.quantize_weight)")
-    wrap(tq_quantize, "_set_weight", "set dequantized weight")
-    wrap(CheckpointWriter, "write_shard", "write shards")
-    patches.append((sequential.BlockRunner, "capture", orig_capture))
-    sequential.BlockRunner.capture = capture
+    for owner, attr, key in phases:
+        wrap(owner, attr, key)
     try:
         r = run_ours("breakdown-gptq", config, calib, batch_size)
     finally:
@@ -287,10 +284,11 @@ def gptq_breakdown(config, calib, batch_size: int) -> dict:
             setattr(owner, attr, orig)
     shutil.rmtree(r["out"], ignore_errors=True)
     total = r["quantize_seconds"]
-    phases = {k: {"seconds": round(v, 2), "calls": calls[k], "share": round(v / total, 3)} for k, v in acc.items()}
-    phases["other"] = {"seconds": round(total - sum(acc.values()), 2), "calls": 0,
-                       "share": round(1 - sum(acc.values()) / total, 3)}
-    return {"seconds": total, "phases": phases}
+    out = {k: {"seconds": round(v, 2), "calls": calls[k], "share": round(v / total, 3)}
+           for k, v in acc.items() if calls[k]}
+    out["other"] = {"seconds": round(total - sum(acc.values()), 2), "calls": 0,
+                    "share": round(1 - sum(acc.values()) / total, 3)}
+    return {"seconds": total, "phases": out}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,6 +581,8 @@ def main() -> None:
 
     mw = report.get("matrix_work")
     pairs = [("GPTQ: ours-gptq vs llmc-gptq", "ours-gptq", "llmc-gptq", True),
+             ("GPTQ: ours-gptq-mse vs llmc-gptq", "ours-gptq-mse", "llmc-gptq", True),
+             ("GPTQ: ours-gptq-mse vs gptqmodel-gptq", "ours-gptq-mse", "gptqmodel-gptq", True),
              ("GPTQ: ours-gptq-nots vs llmc-gptq", "ours-gptq-nots", "llmc-gptq", True),
              ("GPTQ: ours-gptq vs gptqmodel-gptq", "ours-gptq", "gptqmodel-gptq", True),
              ("GPTQ: ours-gptq-default vs llmc-gptq", "ours-gptq-default", "llmc-gptq", True),

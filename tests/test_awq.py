@@ -100,6 +100,37 @@ def test_awq_beats_rtn_on_block_output(layer, bits, bound):
         assert awq < 0.8 * noclip < 0.8 * rtn, (awq / rtn, noclip / rtn)
 
 
+def test_staged_transform_matches_the_generic_one(layer):
+    """The staged pre-norm path (one pass per sub-layer) folds the same scales and clips as re-capturing the
+    inputs from the folded block before every group (any layout's path), up to float rounding."""
+    import dataclasses
+
+    cfg = AwqConfig(bits=3, group_size=64, search_tokens=0)
+    staged, clips_s = _transformed(layer, cfg)
+    generic_arch = dataclasses.replace(ARCH, layout=None)
+    _, block, calib, _, kwargs = layer
+    generic = copy.deepcopy(block)
+    clips_g = transform_block(generic, generic_arch, calib, kwargs, cfg)
+    for name, p in staged.state_dict().items():
+        assert torch.allclose(p, generic.state_dict()[name], rtol=1e-5, atol=1e-7), name
+    assert clips_s.keys() == clips_g.keys()
+    for name in clips_s:
+        assert torch.allclose(clips_s[name], clips_g[name], rtol=1e-5), name
+
+
+def test_mlp_scores_on_a_token_subsample(layer):
+    """search_tokens bounds the tokens every candidate's MLP forward runs on (one full pass captures the rest)."""
+    _, block, calib, _, kwargs = layer
+    block = copy.deepcopy(block)
+    shapes = []
+    block.mlp.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    cfg = AwqConfig(bits=3, group_size=64, clip=False, grid=5, search_tokens=100)
+    transform_block(block, ARCH, calib, kwargs, cfg)
+    full = [s for s in shapes if s[-2] == 64]
+    assert len(full) == 1 and full[0][0] == 8  # the capture pass: every sequence, once
+    assert sorted(set(shapes) - set(full)) == [(1, 100, 128)] and len(shapes) - 1 == 1 + 6  # reference + 6 cands
+
+
 def test_clip_search_ranges(layer):
     cfg = AwqConfig(bits=4, group_size=64, clip_max_shrink=0.4, clip_tokens=100, skip_qk_clip=False)
     scaled, clips = _transformed(layer, cfg)
@@ -153,6 +184,7 @@ def test_registration_and_json_round_trip():
     assert AwqConfig().to_dict() == {
         "bits": 4, "group_size": 128, "symmetric": False, "grid": 20, "duo_scaling": True, "clip": True,
         "clip_grid": 20, "clip_max_shrink": 0.5, "clip_tokens": 512, "skip_qk_clip": True, "search_samples": 32,
+        "search_tokens": 4096,
     }
     cfg = make_config("awq", bits=3, group_size=64, symmetric=True, grid=10, duo_scaling=False, clip=False,
                       clip_grid=40, clip_max_shrink=0.25, clip_tokens=64, skip_qk_clip=False)

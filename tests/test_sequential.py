@@ -9,7 +9,10 @@ from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.methods import make_config
 from turboquant.model import open_model
 from turboquant.quantize import quantize
-from turboquant.sequential import BlockRunner
+from turboquant.sequential import BlockRunner, run_staged
+from turboquant.tiny import save_tiny_model
+
+from conftest import REF_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +36,55 @@ def test_block_by_block_forward_equals_the_full_model(tiny_model, ids):
 def test_captured_hessians_match_direct_computation(tiny_model, ids):
     runner = BlockRunner.start(open_model(tiny_model), ids, batch_size=4)
     block = runner.load_block(0)
-    stats = runner.capture(block, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    stats = runner.capture(block, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], abs_mean=True)
     with torch.no_grad():
         x = block.input_layernorm(runner.hidden).reshape(-1, 64)
     assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"]
     assert torch.allclose(stats["self_attn.q_proj"].H, x.T @ x / x.shape[0], atol=1e-5)
     assert torch.allclose(stats["self_attn.v_proj"].abs_mean, x.abs().mean(0), atol=1e-6)
     down = runner.capture(block, ["mlp.down_proj"])["mlp.down_proj"]
-    assert down.H.shape == (128, 128) and down.n == 6 * 48
+    assert down.H.shape == (128, 128) and down.n == 6 * 48 and down.abs_mean is None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_staged_block_equals_the_block_and_its_captures(tmp_path, ids, model_type, one_thread):
+    """Run staged with a no-op solver: the output is the block's, and every group's H is what capture sees."""
+    path = save_tiny_model(tmp_path / model_type, model_type=model_type, hidden=64, intermediate=128, layers=1,
+                           heads=4, kv_heads=2, tokenizer_from=REF_MODEL)
+    opened = open_model(path)
+    runner = BlockRunner.start(opened, ids, batch_size=4)
+    block = runner.load_block(0)
+    seen: dict[str, torch.Tensor] = {}
+
+    def solve(names, stats):
+        assert len({id(stats[n]) for n in names}) == 1  # one shared accumulator per input group
+        seen.update({n: stats[n].H.clone() for n in names})
+
+    groups = [list(g.linears) for g in opened.arch.groups]
+    staged = run_staged(runner, block, opened.arch.layout, groups, solve)
+    expected = runner.forward(block)
+    assert torch.allclose(staged, expected, atol=1e-6), (staged - expected).abs().max()
+    for names in groups:
+        captured = runner.capture(block, names)
+        for n in names:
+            assert torch.allclose(seen[n], captured[n].H, atol=1e-6), n
+
+
+def test_staged_gptq_matches_recapturing_every_group(tmp_path, tiny_model, ids, monkeypatch):
+    """The staged pipeline is a speed-up only: same codes as re-running the block before every group."""
+    import dataclasses
+
+    from turboquant import model as tq_model
+
+    cfg = make_config("gptq", bits=3, group_size=32)
+    staged = QuantizedCheckpoint.open(quantize(tiny_model, cfg, tmp_path / "s", calib=_calib(ids), progress=False))
+    plain = dataclasses.replace(tq_model.ARCHITECTURES["llama"], layout=None)
+    monkeypatch.setitem(tq_model.ARCHITECTURES, "llama", plain)
+    slow = QuantizedCheckpoint.open(quantize(tiny_model, cfg, tmp_path / "r", calib=_calib(ids), progress=False))
+    for name in staged.modules:
+        a, b = staged.quantized_tensor(name), slow.quantized_tensor(name)
+        agree = (a.codes == b.codes).float().mean().item()
+        assert agree > 0.999 and torch.equal(a.scale, b.scale) or agree == 1.0, (name, agree)
 
 
 def _calib(ids):

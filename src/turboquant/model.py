@@ -37,13 +37,36 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """The modules of a pre-norm decoder block: ``h1 = h + attn(attn_norm(h))``, ``out = h1 + mlp(mlp_norm(h1))``.
+
+    ``attn_out`` / ``mlp_out`` are the last linears of the two branches (their inputs are the attention context
+    and the gated MLP activation). Knowing this lets the calibrated pipeline run a block one sub-layer at a time
+    (``sequential.run_staged``) instead of re-running the whole block for every linear group.
+    """
+
+    attn_norm: str = "input_layernorm"
+    attn: str = "self_attn"
+    attn_out: str = "self_attn.o_proj"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp: str = "mlp"
+    mlp_out: str = "mlp.down_proj"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
-    """Where a family keeps its decoder blocks and which linear layers each block has."""
+    """Where a family keeps its decoder blocks and which linear layers each block has.
+
+    ``layout`` is set when the block is the standard pre-norm residual pair whose four linear groups (in
+    ``groups`` order) read: the attention norm's output, ``attn_out``'s input, the MLP norm's output and
+    ``mlp_out``'s input.
+    """
 
     name: str
     blocks_prefix: str
     groups: tuple[LinearGroup, ...]
     n_layers_key: str = "num_hidden_layers"
+    layout: BlockLayout | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -61,7 +84,8 @@ _LLAMA_GROUPS = (
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    name: ArchSpec(name, "model.layers", _LLAMA_GROUPS) for name in ("llama", "mistral", "qwen2", "qwen3")
+    name: ArchSpec(name, "model.layers", _LLAMA_GROUPS, layout=BlockLayout())
+    for name in ("llama", "mistral", "qwen2", "qwen3")
 }
 
 

@@ -19,7 +19,7 @@ from turboquant.fsutil import atomic_output_dir
 from turboquant.methods import MethodConfig, get_method
 from turboquant.methods.base import WeightQuantConfig
 from turboquant.model import OpenedModel, check_finite, open_model
-from turboquant.sequential import BlockRunner
+from turboquant.sequential import BlockRunner, InputStats, run_staged
 from turboquant.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -81,7 +81,10 @@ def quantize(
     return out
 
 
-BlockProcedure = Callable[[BlockRunner, torch.nn.Module, OpenedModel, MethodConfig, str], dict[str, QuantizedTensor]]
+#: Quantizes one loaded block in place; returns its quantized tensors and, when it computed it on the way, the
+#: quantized block's output over the calibration inputs (else None: the caller runs the block).
+BlockProcedure = Callable[[BlockRunner, torch.nn.Module, OpenedModel, MethodConfig, str],
+                          tuple[dict[str, QuantizedTensor], torch.Tensor | None]]
 
 
 def _quantize_calibrated(
@@ -101,8 +104,12 @@ def _quantize_calibrated(
         check_finite({opened.arch.block_prefix(i) + k: v for k, v in block.state_dict().items()})
         float_out = None if sequential else runner.forward(block)
         prefix = opened.arch.block_prefix(i)
-        quantized = procedure(runner, block, opened, config, prefix)
-        outputs = runner.forward(block) if sequential else float_out
+        quantized, quantized_out = procedure(runner, block, opened, config, prefix)
+        if sequential:
+            outputs = quantized_out if quantized_out is not None else runner.forward(block)
+        else:
+            outputs = float_out
+        del quantized_out
         tensors: dict[str, torch.Tensor] = {}
         for name, t in block.state_dict().items():
             module = name.removesuffix(".weight")
@@ -124,25 +131,35 @@ def _set_weight(block: torch.nn.Module, name: str, qt: QuantizedTensor) -> None:
 
 
 def _gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig,
-                prefix: str) -> dict[str, QuantizedTensor]:
-    """GPTQ per linear group, re-capturing inputs after each group when ``true_sequential``."""
+                prefix: str) -> tuple[dict[str, QuantizedTensor], torch.Tensor | None]:
+    """GPTQ per linear group; with ``true_sequential`` each group's inputs come from the block as quantized so far.
+
+    Pre-norm blocks run staged (one sub-layer at a time, about one block forward in all); other layouts
+    re-capture from the block input after each group.
+    """
     from turboquant.methods import gptq
 
-    groups = [list(g.linears) for g in opened.arch.groups]
-    if not config.true_sequential:
-        groups = [[name for g in groups for name in g]]
     out: dict[str, QuantizedTensor] = {}
-    for names in groups:
-        stats = runner.capture(block, names)
+
+    def solve(names: list[str], stats: dict[str, InputStats]) -> None:
         for name in names:
             W = block.get_submodule(name).weight.data
             out[name] = gptq.quantize_weight(W, stats[name].H, config, name=prefix + name)
             _set_weight(block, name, out[name])
-    return out
+
+    groups = [list(g.linears) for g in opened.arch.groups]
+    if not config.true_sequential:
+        solve([name for g in groups for name in g], runner.capture(block, [name for g in groups for name in g]))
+        return out, None
+    if opened.arch.layout is not None:
+        return out, run_staged(runner, block, opened.arch.layout, groups, solve)
+    for names in groups:
+        solve(names, runner.capture(block, names))
+    return out, None
 
 
 def _awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig,
-               prefix: str) -> dict[str, QuantizedTensor]:
+               prefix: str) -> tuple[dict[str, QuantizedTensor], torch.Tensor | None]:
     """AWQ: search and fold activation scales into the block, search clipping, then quantize every linear."""
     from turboquant.methods import awq
 
@@ -152,7 +169,7 @@ def _awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel,
         W = block.get_submodule(name).weight.data
         out[name] = awq.quantize_weight(W, config, clip_max=clips.get(name))
         _set_weight(block, name, out[name])
-    return out
+    return out, None
 
 
 BLOCK_PROCEDURES: dict[str, BlockProcedure] = {"gptq": _gptq_block, "awq": _awq_block}

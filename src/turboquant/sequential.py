@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from turboquant.model import OpenedModel, build_skeleton
+from turboquant.model import BlockLayout, OpenedModel, build_skeleton
 
 
 class _StopForward(Exception):
@@ -24,21 +24,22 @@ class _StopForward(Exception):
 
 @dataclass
 class InputStats:
-    """Accumulated statistics of one linear group's input."""
+    """Accumulated statistics of one linear group's input: ``H = XᵀX / n`` and, when asked for, mean ``|x|``."""
 
     H: torch.Tensor
-    abs_mean: torch.Tensor
+    abs_mean: torch.Tensor | None = None
     n: int = 0
 
     @classmethod
-    def empty(cls, features: int) -> "InputStats":
-        return cls(torch.zeros(features, features), torch.zeros(features))
+    def empty(cls, features: int, abs_mean: bool = False) -> "InputStats":
+        return cls(torch.zeros(features, features), torch.zeros(features) if abs_mean else None)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         total = self.n + x.shape[0]
         self.H.mul_(self.n / total).addmm_(x.T, x, alpha=1.0 / total)
-        self.abs_mean.mul_(self.n / total).add_(x.abs().sum(0), alpha=1.0 / total)
+        if self.abs_mean is not None:
+            self.abs_mean.mul_(self.n / total).add_(x.abs().sum(0), alpha=1.0 / total)
         self.n = total
 
 
@@ -94,10 +95,10 @@ class BlockRunner:
         return torch.cat(outs)
 
     @torch.no_grad()
-    def capture(self, block: nn.Module, linears: list[str]) -> dict[str, InputStats]:
+    def capture(self, block: nn.Module, linears: list[str], abs_mean: bool = False) -> dict[str, InputStats]:
         """Input statistics of ``linears`` (names relative to the block); stops each pass once all were seen."""
         modules = {name: block.get_submodule(name) for name in linears}
-        stats = {name: InputStats.empty(m.in_features) for name, m in modules.items()}
+        stats = {name: InputStats.empty(m.in_features, abs_mean) for name, m in modules.items()}
         for i in range(0, self.hidden.shape[0], self.batch_size):
             with _capturing(modules, stats):
                 try:
@@ -108,6 +109,91 @@ class BlockRunner:
 
     def advance(self, outputs: torch.Tensor) -> None:
         self.hidden = outputs
+
+
+#: Largest MLP activation (``mlp_out``'s input for every sample) ``run_staged`` keeps; above it, it is recomputed.
+STAGE_CACHE_BYTES = 2 << 30
+
+Solve = Callable[[list[str], dict[str, "InputStats"]], None]
+
+
+@torch.no_grad()
+def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, groups: list[list[str]], solve: Solve
+               ) -> torch.Tensor:
+    """Capture, solve and run a pre-norm block one linear group at a time; returns the block's output.
+
+    ``groups`` are the four input groups in ``layout`` order (attention-norm readers, ``attn_out``, MLP-norm
+    readers, ``mlp_out``). Before each group's inputs are captured, ``solve(names, stats)`` has replaced the
+    weights of every earlier group, so each group sees the error of those before it (``true_sequential``) — at the
+    cost of about one block forward in all, instead of one per group: the attention runs once (its context is
+    kept for ``attn_out``), the residual sums are formed from kept pieces, and the output is assembled from them.
+    """
+    if len(groups) != 4:
+        raise ValueError(f"run_staged needs the 4 input groups of a pre-norm block, got {len(groups)}")
+    h, bs, kwargs = runner.hidden, runner.batch_size, runner.layer_kwargs
+    attn_norm, mlp_norm = block.get_submodule(layout.attn_norm), block.get_submodule(layout.mlp_norm)
+    attn, mlp = block.get_submodule(layout.attn), block.get_submodule(layout.mlp)
+    attn_out, mlp_out = block.get_submodule(layout.attn_out), block.get_submodule(layout.mlp_out)
+    batches = [slice(i, i + bs) for i in range(0, h.shape[0], bs)]
+
+    def stats_for(names: list[str], features: int) -> dict[str, InputStats]:
+        shared = InputStats.empty(features)
+        return {name: shared for name in names}
+
+    stats = stats_for(groups[0], h.shape[-1])
+    for b in batches:
+        stats[groups[0][0]].add(attn_norm(h[b]))
+    solve(groups[0], stats)
+
+    context = torch.empty(*h.shape[:2], attn_out.in_features)
+    stats = stats_for(groups[1], attn_out.in_features)
+    for b in batches:
+        context[b] = _input_before(attn, attn_out, attn_norm(h[b]), kwargs)
+        stats[groups[1][0]].add(context[b])
+    solve(groups[1], stats)
+
+    h1 = torch.empty_like(h)
+    stats = stats_for(groups[2], h.shape[-1])
+    for b in batches:
+        torch.add(h[b], attn_out(context[b]), out=h1[b])
+        stats[groups[2][0]].add(mlp_norm(h1[b]))
+    del context
+    solve(groups[2], stats)
+
+    keep = h.shape[0] * h.shape[1] * mlp_out.in_features * 4 <= STAGE_CACHE_BYTES
+    act = torch.empty(*h.shape[:2], mlp_out.in_features) if keep else None
+    stats = stats_for(groups[3], mlp_out.in_features)
+    for b in batches:
+        m = _input_before(mlp, mlp_out, mlp_norm(h1[b]), {})
+        stats[groups[3][0]].add(m)
+        if act is not None:
+            act[b] = m
+    solve(groups[3], stats)
+
+    for b in batches:
+        m = act[b] if act is not None else _input_before(mlp, mlp_out, mlp_norm(h1[b]), {})
+        h1[b] += mlp_out(m)
+    return h1
+
+
+def _input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """What ``module(x, **kwargs)`` feeds its final linear ``last`` (the forward stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise _StopForward
+
+    handle = last.register_forward_pre_hook(hook)
+    try:
+        module(x, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{type(module).__name__} never called its output projection")
+    return seen[0]
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from torch import nn
 
 from turboquant.errors import ConfigError
 from turboquant.methods.base import WeightQuantConfig, check_type, register_method
-from turboquant.model import ArchSpec, LinearGroup
+from turboquant.model import ArchSpec, BlockLayout, LinearGroup
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, group_view, qparams_from_range, quantize_codes
 
 _BATCH_TOKENS = 8192  # tokens per block forward (bounds attention / MLP intermediates)
@@ -48,7 +48,11 @@ class AwqConfig(WeightQuantConfig):
     ``1 - clip_max_shrink``, on ``clip_tokens`` evenly spaced tokens; ``skip_qk_clip``: leave q_proj / k_proj
     unclipped (their error is amplified by the softmax, where the partial-product loss is a poor proxy);
     ``search_samples``: calibration sequences (evenly spaced) used by the scale search — one α per group is
-    chosen, which a subset determines as well as the whole set at a fraction of the cost on CPU.
+    chosen, which a subset determines as well as the whole set at a fraction of the cost on CPU;
+    ``search_tokens``: in pre-norm blocks, the MLP (which works token by token) scores candidates on this many
+    evenly spaced tokens of those sequences (0: all) — its loss is a sum over tokens, so a subsample estimates it
+    without bias, and whole-MLP forwards would otherwise be most of the search's cost. ``clip_tokens`` are
+    drawn from the same sequences.
     """
 
     symmetric: bool = False
@@ -60,6 +64,7 @@ class AwqConfig(WeightQuantConfig):
     clip_tokens: int = 512
     skip_qk_clip: bool = True
     search_samples: int = 32
+    search_tokens: int = 4096
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +76,9 @@ class AwqConfig(WeightQuantConfig):
             check_type(name, getattr(self, name), int, f"use a positive integer, e.g. {example}")
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is not positive", f"use e.g. {example}")
+        check_type("search_tokens", self.search_tokens, int, "use a token count, e.g. 4096 (0: all)")
+        if self.search_tokens < 0:
+            raise ConfigError(f"search_tokens={self.search_tokens} is negative", "use e.g. 4096, or 0 for all tokens")
         check_type("clip_max_shrink", self.clip_max_shrink, (int, float), "use a fraction in (0, 1), e.g. 0.5")
         if not (math.isfinite(self.clip_max_shrink) and 0 < self.clip_max_shrink < 1):
             raise ConfigError(f"clip_max_shrink={self.clip_max_shrink!r} is out of range", "use a fraction in (0, 1)")
@@ -208,7 +216,10 @@ def _fold(feeder: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
 
 def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, layer_kwargs: dict, cfg: AwqConfig
                  ) -> torch.Tensor | None:
-    """Search ``s`` for one group on the block as it is now and fold it in; the scales, or None when skipped."""
+    """Search ``s`` for one group on the block as it is now and fold it in; the scales, or None when skipped.
+
+    The generic path (any block layout): the group's inputs are captured by re-running the block from its input.
+    """
     feeder = block.get_submodule(group.feeder)
     linears = [block.get_submodule(name) for name in group.linears]
     if not _can_fold(feeder, linears):
@@ -226,26 +237,43 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
         raise _StopForward  # fires after on_inspect (registered first): nothing later in the block is needed
 
     def on_inspect(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = None  # replays must not grow a KV cache
-        calls.append((args, kwargs))
+        calls.append((args, _replay_kwargs(kwargs)))
 
-    _run_block(block, _sample_rows(hidden, cfg.search_samples), layer_kwargs,
-               [(inspect, on_inspect), (linears[0], on_linear)])
+    _run_block(block, hidden, layer_kwargs, [(inspect, on_inspect), (linears[0], on_linear)])
     x_mean = (abs_sum / max(count, 1)).float()
-    originals = [lin.weight.detach().clone() for lin in linears]
-    w_mean = _weight_mean(torch.cat([W.float() for W in originals]), cfg.scheme)
     if inspect is linears[0]:
-        error = _linear_error(calls, originals[0], cfg.scheme)
+        error = _linear_error(_gram(calls, n_in), linears[0].weight.detach().clone(), cfg.scheme)
     else:
-        error = _module_error(inspect, calls, linears, originals, cfg.scheme)
+        error = _module_error(inspect, calls, linears, cfg.scheme)
+    s = _best_scale(x_mean, linears, error, cfg)
+    _fold(feeder, linears, s)
+    return s
+
+
+def _replay_kwargs(kwargs: dict) -> dict:
+    kwargs = dict(kwargs)
+    if kwargs.get("past_key_values") is not None:
+        kwargs["past_key_values"] = None  # replays must not grow a KV cache
+    return kwargs
+
+
+def _gram(calls: list[tuple[tuple, dict]], n_in: int) -> torch.Tensor:
+    H = torch.zeros(n_in, n_in)
+    for args, kwargs in calls:
+        X = _input_of(args, kwargs).reshape(-1, n_in).float()
+        H.addmm_(X.T, X)
+    return H
+
+
+def _best_scale(x_mean: torch.Tensor, linears: list[nn.Linear], error: Callable[[torch.Tensor], float],
+                cfg: AwqConfig) -> torch.Tensor:
+    """The candidate ``s`` with the least ``error`` (ties: the earlier one)."""
+    w_mean = _weight_mean(torch.cat([lin.weight.detach().float() for lin in linears]), cfg.scheme)
     best_err, best_s = math.inf, torch.ones_like(x_mean)
     for s in _candidates(x_mean, w_mean, cfg):
         err = error(s)
         if err < best_err:
             best_err, best_s = err, s
-    _fold(feeder, linears, best_s)
     return best_s
 
 
@@ -261,13 +289,8 @@ def _scaled_fake_quant(W: torch.Tensor, s: torch.Tensor, scheme: QuantScheme) ->
     return _fake_quantize(group_view(W.float() * s, scheme), scheme).reshape(W.shape) / s
 
 
-def _linear_error(calls: list[tuple[tuple, dict]], W: torch.Tensor, scheme: QuantScheme
-                  ) -> Callable[[torch.Tensor], float]:
+def _linear_error(H: torch.Tensor, W: torch.Tensor, scheme: QuantScheme) -> Callable[[torch.Tensor], float]:
     """Output error of a lone linear, ``||(W - Ŵ) Xᵀ||² = tr(ΔW H ΔWᵀ)`` with ``H = XᵀX``: no pass over tokens."""
-    H = torch.zeros(W.shape[1], W.shape[1])
-    for args, kwargs in calls:
-        X = _input_of(args, kwargs).reshape(-1, W.shape[1]).float()
-        H.addmm_(X.T, X)
 
     def error(s: torch.Tensor) -> float:
         dW = W.float() - _scaled_fake_quant(W, s, scheme)
@@ -276,10 +299,15 @@ def _linear_error(calls: list[tuple[tuple, dict]], W: torch.Tensor, scheme: Quan
     return error
 
 
-def _module_error(inspect: nn.Module, calls: list[tuple[tuple, dict]], linears: list[nn.Linear],
-                  originals: list[torch.Tensor], scheme: QuantScheme) -> Callable[[torch.Tensor], float]:
-    """Squared error of the output of ``inspect`` (attention, MLP) with the group fake-quantized under ``s``."""
-    reference = [_first(inspect(*a, **k)) for a, k in calls]
+def _module_error(inspect: nn.Module, calls: list[tuple[tuple, dict]], linears: list[nn.Linear], scheme: QuantScheme,
+                  reference: list[torch.Tensor] | None = None) -> Callable[[torch.Tensor], float]:
+    """Squared error of the output of ``inspect`` (attention, MLP) with the group fake-quantized under ``s``.
+
+    ``reference``: the float outputs for ``calls`` when the caller already has them.
+    """
+    originals = [lin.weight.detach().clone() for lin in linears]
+    if reference is None:
+        reference = [_first(inspect(*a, **k)) for a, k in calls]
 
     def error(s: torch.Tensor) -> float:
         try:
@@ -344,20 +372,155 @@ def _search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AwqConfig) -> torch.Tens
     return best_c
 
 
+class _EvenTokens:
+    """Picks ``n`` evenly spaced tokens out of ``total`` arriving batch by batch (all of them if fewer)."""
+
+    def __init__(self, total: int, n: int) -> None:
+        n = total if n <= 0 else min(n, total)
+        self.wanted, self.seen, self.parts = torch.arange(n) * total // n, 0, []
+
+    def take(self, x: torch.Tensor) -> None:
+        X = x.reshape(-1, x.shape[-1])
+        lo = self.seen
+        self.parts.append(X[self.wanted[(self.wanted >= lo) & (self.wanted < lo + X.shape[0])] - lo].float())
+        self.seen = lo + X.shape[0]
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
+class _Moments:
+    """``XᵀX`` and the mean ``|x|`` per channel of a stream of inputs (float64 sums for the mean, as above)."""
+
+    def __init__(self, n_in: int) -> None:
+        self.H, self.abs_sum, self.count = torch.zeros(n_in, n_in), torch.zeros(n_in, dtype=torch.float64), 0
+
+    def add(self, x: torch.Tensor) -> None:
+        X = x.reshape(-1, x.shape[-1]).float()
+        self.H.addmm_(X.T, X)
+        self.abs_sum += X.abs().sum(0, dtype=torch.float64)
+        self.count += X.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.count, 1)).float()
+
+
+def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[LinearGroup, ...], hidden: torch.Tensor,
+                      layer_kwargs: dict, cfg: AwqConfig, clip_names: list[str]) -> dict[str, torch.Tensor]:
+    """Scale search and folding for a pre-norm block, running each sub-layer about once.
+
+    The groups' inputs are not re-captured after each fold: folding keeps the float block's function, so the
+    attention context and MLP activation captured before a fold are still the inputs afterwards, divided by the
+    scales folded into their feeder (equal up to float rounding to what re-running the folded block gives).
+    Returns the clip-search inputs ``{linear: X [tokens, in]}`` of ``clip_names``, as the folded block sees them.
+    """
+    attn_norm, attn = block.get_submodule(layout.attn_norm), block.get_submodule(layout.attn)
+    mlp_norm, mlp = block.get_submodule(layout.mlp_norm), block.get_submodule(layout.mlp)
+    attn_out, mlp_out = block.get_submodule(layout.attn_out), block.get_submodule(layout.mlp_out)
+    total = hidden.shape[0] * hidden.shape[1]
+    batch = max(1, _BATCH_TOKENS // hidden.shape[1])
+    batches = [hidden[i : i + batch] for i in range(0, hidden.shape[0], batch)]
+    clip = {g.linears[0]: _EvenTokens(total, cfg.clip_tokens) for g in groups}
+
+    def fold(group: LinearGroup, error_of: Callable[[list[nn.Linear]], Callable[[torch.Tensor], float]],
+             x_mean: torch.Tensor) -> torch.Tensor | None:
+        feeder = block.get_submodule(group.feeder)
+        linears = [block.get_submodule(name) for name in group.linears]
+        if not _can_fold(feeder, linears):
+            return None
+        s = _best_scale(x_mean, linears, error_of(linears), cfg)
+        _fold(feeder, linears, s)
+        return s
+
+    # attention norm -> q/k/v, scored on the attention output; the float pass also yields o_proj's input
+    g_qkv, g_o, g_mlp, g_down = groups
+    x_moments, ctx_moments = _Moments(hidden.shape[-1]), _Moments(attn_out.in_features)
+    calls, attn_ref = [], []
+    for h in batches:
+        x = attn_norm(h)
+        x_moments.add(x)
+        clip[g_qkv.linears[0]].take(x)
+        calls.append(((x,), layer_kwargs))
+        ctx: list[torch.Tensor] = []
+        handle = attn_out.register_forward_pre_hook(lambda _m, args: ctx.append(args[0]))
+        try:
+            attn_ref.append(_first(attn(x, **layer_kwargs)))
+        finally:
+            handle.remove()
+        ctx_moments.add(ctx[0])
+        clip[g_o.linears[0]].take(ctx[0])
+    s_qkv = fold(g_qkv, lambda lins: _module_error(attn, calls, lins, cfg.scheme, attn_ref), x_moments.mean)
+    del calls
+
+    # v_proj -> o_proj, scored on o_proj's output through H
+    s_o = fold(g_o, lambda lins: _linear_error(ctx_moments.H, lins[0].weight.detach().clone(), cfg.scheme),
+               ctx_moments.mean)
+
+    # MLP norm -> gate/up, scored on the MLP output over a token subsample; the pass also yields down_proj's input
+    search = _EvenTokens(total, cfg.search_tokens)
+    x2_moments, act_moments = _Moments(hidden.shape[-1]), _Moments(mlp_out.in_features)
+    for h, a in zip(batches, attn_ref):
+        x2 = mlp_norm(h + a)
+        x2_moments.add(x2)
+        search.take(x2)
+        clip[g_mlp.linears[0]].take(x2)
+        act = _input_before(mlp, mlp_out, x2)
+        act_moments.add(act)
+        clip[g_down.linears[0]].take(act)
+    del attn_ref
+    x2_search = search.rows().unsqueeze(0)
+    s_mlp = fold(g_mlp, lambda lins: _module_error(mlp, [((x2_search,), {})], lins, cfg.scheme), x2_moments.mean)
+
+    # up_proj -> down_proj, scored on down_proj's output through H
+    s_down = fold(g_down, lambda lins: _linear_error(act_moments.H, lins[0].weight.detach().clone(), cfg.scheme),
+                  act_moments.mean)
+
+    inputs: dict[str, torch.Tensor] = {}
+    for group, s in ((g_qkv, s_qkv), (g_o, s_o), (g_mlp, s_mlp), (g_down, s_down)):
+        X = clip[group.linears[0]].rows()
+        if s is not None:
+            X = X / s
+        inputs.update({name: X for name in group.linears if name in clip_names})
+    return inputs
+
+
+def _input_before(module: nn.Module, last: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``module(x)`` feeds its final linear ``last`` (the forward stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise _StopForward
+
+    handle = last.register_forward_pre_hook(hook)
+    try:
+        module(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def transform_block(block: nn.Module, arch: ArchSpec, hidden: torch.Tensor, layer_kwargs: dict, cfg: AwqConfig
                     ) -> dict[str, torch.Tensor]:
     """Fold AWQ scales into ``block`` in place (group by group, in ``arch.groups`` order), then search clipping.
 
     ``hidden``: the block's calibration inputs ``[n_samples, seqlen, hidden_size]``; ``block(x, **layer_kwargs)``
-    runs it. Returns ``{linear name: clip_max [out, G]}`` for ``quantize_weight`` (empty when ``cfg.clip`` is off).
+    runs it. The search uses ``cfg.search_samples`` evenly spaced sequences of it. Returns
+    ``{linear name: clip_max [out, G]}`` for ``quantize_weight`` (empty when ``cfg.clip`` is off).
     The float block computes the same function afterwards, up to float rounding.
     """
     with torch.no_grad():
-        hidden = hidden.float()
-        for group in arch.groups:
-            _scale_group(block, group, hidden, layer_kwargs, cfg)
+        hidden = _sample_rows(hidden.float(), cfg.search_samples)
+        names = [n for n in arch.linears if not (cfg.skip_qk_clip and n.rpartition(".")[2] in _QK)]
+        if arch.layout is not None and len(arch.groups) == 4:
+            inputs = _transform_staged(block, arch.layout, arch.groups, hidden, layer_kwargs, cfg, names)
+        else:
+            for group in arch.groups:
+                _scale_group(block, group, hidden, layer_kwargs, cfg)
+            inputs = _token_subsample(block, names, hidden, layer_kwargs, cfg.clip_tokens) if cfg.clip else {}
         if not cfg.clip:
             return {}
-        names = [n for n in arch.linears if not (cfg.skip_qk_clip and n.rpartition(".")[2] in _QK)]
-        inputs = _token_subsample(block, names, hidden, layer_kwargs, cfg.clip_tokens)
         return {name: _search_clip(block.get_submodule(name).weight, inputs[name], cfg) for name in names}
