@@ -203,6 +203,38 @@ def eval_command(
 
 @app.command()
 @handle_errors
+def export(
+    qdir: Path = typer.Argument(..., help="Quantized checkpoint directory (from `turboquant quantize`)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="Target format (see `turboquant formats`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for the artifact."),
+    gguf_type: Optional[str] = typer.Option(None, help="GGUF tensor type, e.g. Q4_0, Q8_0, Q4_K_M (gguf only)."),
+    option: list[str] = typer.Option([], "--option", help="Format option key=value (repeatable)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Write QDIR as a deployable artifact in one format; impossible combinations fail before any work."""
+    from turboquant.formats import export as run_export
+
+    options = parse_options(option)
+    if gguf_type is not None:
+        if fmt != "gguf":
+            raise ConfigError(f"--gguf-type applies to --format gguf, not {fmt}", "drop --gguf-type")
+        options["gguf_type"] = gguf_type
+    path = run_export(qdir, fmt, out, overwrite=overwrite, **options)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@handle_errors
+def formats() -> None:
+    """List the export formats and the runtimes that load them."""
+    from turboquant.formats import FORMATS
+
+    for name, spec in sorted(FORMATS.items()):
+        typer.echo(f"{name:20s} {spec.description} — loads in {spec.runtime}")
+
+
+@app.command()
+@handle_errors
 def methods() -> None:
     """List the registered quantization methods."""
     from turboquant.methods import METHODS

@@ -335,9 +335,10 @@ def pack_words(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32)
     n = codes.shape[-1]
     if (n * bits) % width:
         raise ValueError(f"{n} codes of {bits} bits do not fill whole {width}-bit words")
-    return pack_bits(codes, bits).contiguous().view(dtype)
+    packed = pack_bits(codes, bits)
+    return packed.reshape(-1).view(dtype).reshape(*packed.shape[:-1], -1)  # flat first: size-1 dims may carry odd strides
 
 
 def unpack_words(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack_words``."""
-    return unpack_bits(words.contiguous().view(torch.uint8), bits, n)
+    return unpack_bits(words.reshape(-1).view(torch.uint8).reshape(*words.shape[:-1], -1), bits, n)

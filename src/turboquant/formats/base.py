@@ -1,0 +1,207 @@
+"""What every export format shares: a registry, the up-front scheme check, atomic writing and the manifest.
+
+A format reads the canonical quantized checkpoint (``checkpoint.QuantizedCheckpoint``), never the source model and
+never calibration data. Its ``check`` runs before any work and raises a ``FormatError`` naming what would fit
+when the checkpoint's schemes cannot be represented exactly; its ``write`` packs into a fresh directory that
+``export`` turns into the output only when everything (files, tokenizer, manifest) was written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from turboquant.checkpoint import INDEX_FILE, METADATA_FILE, QuantizedCheckpoint, shard_name
+from turboquant.errors import ConfigError
+from turboquant.fsutil import atomic_output_dir
+from turboquant.manifest import MANIFEST_FILE, write_manifest
+from turboquant.tensor import QuantizedTensor, QuantScheme
+
+#: Files of the source model every artifact carries unchanged (when the source had them).
+CARRIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt", "NOTICE", "USE_POLICY.md",
+)
+
+
+class FormatError(ConfigError):
+    """A quantized checkpoint (or option) the requested format cannot represent."""
+
+
+Check = Callable[[QuantizedCheckpoint, dict[str, Any]], None]
+Write = Callable[[QuantizedCheckpoint, Path, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """A registered export format.
+
+    ``check(ckpt, options)`` raises ``FormatError`` before any work; ``write(ckpt, out_dir, options)`` writes the
+    artifact's own files into ``out_dir`` (an empty temporary directory). ``options`` maps each accepted option
+    to its default.
+    """
+
+    name: str
+    description: str
+    runtime: str
+    check: Check
+    write: Write
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+FORMATS: dict[str, FormatSpec] = {}
+
+
+def register_format(name: str, *, description: str, runtime: str, check: Check,
+                    options: dict[str, Any] | None = None) -> Callable[[Write], Write]:
+    """Decorator registering ``write`` as format ``name``."""
+
+    def deco(write: Write) -> Write:
+        if name in FORMATS:
+            raise ValueError(f"format {name!r} registered twice")
+        FORMATS[name] = FormatSpec(name, description, runtime, check, write, dict(options or {}))
+        return write
+
+    return deco
+
+
+def get_format(name: str) -> FormatSpec:
+    import turboquant.formats  # noqa: F401  (registers the built-in formats)
+
+    if name not in FORMATS:
+        raise ConfigError(f"unknown format '{name}'", f"use one of: {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
+
+
+def resolve_options(spec: FormatSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over the format's defaults; unknown keys fail listing the valid ones."""
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        valid = ", ".join(sorted(spec.options)) or "none"
+        raise ConfigError(f"format '{spec.name}' has no option {', '.join(map(repr, unknown))}",
+                          f"use only its options ({valid})")
+    return {**spec.options, **{k: v for k, v in options.items() if v is not None}}
+
+
+def export(qdir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, **options: Any) -> Path:
+    """Write the quantized checkpoint at ``qdir`` as format ``fmt`` into ``out`` (whole, or not at all).
+
+    The format's check runs first, so an impossible combination fails before anything is written.
+    """
+    spec = get_format(fmt)
+    opts = resolve_options(spec, options)
+    ckpt = QuantizedCheckpoint.open(qdir)
+    spec.check(ckpt, opts)
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        spec.write(ckpt, tmp, opts)
+        carry_files(ckpt.path, tmp)
+        write_manifest(tmp, ckpt, fmt, opts)
+    return Path(out)
+
+
+def carry_files(src: Path, dst: Path) -> None:
+    """Copy the source model's tokenizer, chat template, generation config and license files not yet in ``dst``."""
+    for name in CARRIED_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers for checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def schemes(ckpt: QuantizedCheckpoint) -> set[QuantScheme]:
+    """The distinct schemes of the quantized modules (empty for a float / cast checkpoint)."""
+    return {ckpt.scheme(m) for m in ckpt.modules}
+
+
+def uniform_scheme(ckpt: QuantizedCheckpoint, fmt: str) -> QuantScheme:
+    """The one scheme every quantized module uses; fails for float checkpoints and mixed precision."""
+    found = schemes(ckpt)
+    if not found:
+        raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",
+                          f"quantize with a weight method (rtn, gptq, awq, hqq) before exporting to {fmt}")
+    if len(found) > 1:
+        listed = ", ".join(sorted(s.describe() for s in found))
+        raise FormatError(f"{ckpt.path} mixes schemes ({listed}) and format {fmt} holds one per model",
+                          "export it to gguf or compressed-tensors, which hold a scheme per tensor")
+    return found.pop()
+
+
+def has_act_order(ckpt: QuantizedCheckpoint) -> bool:
+    return any(info.get("act_order") for info in ckpt.modules.values())
+
+
+def has_fractional_zero(ckpt: QuantizedCheckpoint) -> bool:
+    return any(info.get("fractional_zero") for info in ckpt.modules.values())
+
+
+@dataclass
+class Shard:
+    """One canonical shard's content: plain tensors and quantized modules (a decoder block, or the rest)."""
+
+    index: int
+    total: int
+    plain: dict[str, torch.Tensor]
+    quantized: dict[str, QuantizedTensor]
+
+
+def iter_shards(ckpt: QuantizedCheckpoint) -> Iterator[Shard]:
+    """The checkpoint shard by shard, so that an exporter holds one decoder block at a time."""
+    files = sorted({info.file for info in ckpt.tensors.tensors.values()})
+    plain_names = set(ckpt.plain_names())
+    for i, f in enumerate(files):
+        names = [n for n, info in ckpt.tensors.tensors.items() if info.file == f]
+        modules = sorted({m for m in ckpt.modules if f"{m}.qcodes" in names})
+        plain = ckpt.tensors.load([n for n in names if n in plain_names])
+        yield Shard(i, len(files), plain, {m: ckpt.quantized_tensor(m) for m in modules})
+
+
+class ShardedWriter:
+    """Writes ``model-XXXXX-of-YYYYY.safetensors`` shards and the standard index (a single shard: model.safetensors)."""
+
+    def __init__(self, root: Path, total: int) -> None:
+        self.root, self.total = root, total
+        self.weight_map: dict[str, str] = {}
+        self.size = 0
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        name = "model.safetensors" if self.total == 1 else shard_name(index, self.total)
+        tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
+        save_file(tensors, str(self.root / name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            self.weight_map[key] = name
+            self.size += t.numel() * t.element_size()
+
+    def finish(self) -> None:
+        if self.total > 1:
+            index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            write_json(self.root / INDEX_FILE, index)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def source_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
+    """The model's config.json as stored in the canonical checkpoint, without TurboQuant's own keys."""
+    config = dict(ckpt.config)
+    config.pop("quantization_config", None)
+    return config
+
+
+__all__ = ["FORMATS", "FormatError", "FormatSpec", "Shard", "ShardedWriter", "iter_shards", "MANIFEST_FILE", "METADATA_FILE", "carry_files", "export",
+           "get_format", "has_act_order", "has_fractional_zero", "register_format", "schemes", "uniform_scheme"]

@@ -1,0 +1,76 @@
+"""``manifest.json``: what an artifact is, where it came from and the sha256 of every file in it.
+
+Written last into every exported artifact (and checked by publish / reproduce), so that a file changed after
+export is caught by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import turboquant
+from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.errors import ModelLoadError
+from turboquant.fsutil import sha256_file
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def file_hashes(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {sha256, size}}`` of every file under ``root`` except the manifest, sorted."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != MANIFEST_FILE:
+            out[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return out
+
+
+def build_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any]) -> dict[str, Any]:
+    meta = ckpt.meta
+    schemes = sorted({json.dumps(info["scheme"], sort_keys=True) for info in ckpt.modules.values()})
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "format": fmt,
+        "format_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items())},
+        "source": meta.get("source"),
+        "method": meta.get("method"),
+        "method_config": meta.get("config"),
+        "schemes": [json.loads(s) for s in schemes],
+        "calibration": meta.get("calibration"),
+        "quantized_checkpoint": {"turboquant_version": meta.get("turboquant_version"),
+                                 "torch_version": meta.get("torch_version")},
+        "turboquant_version": turboquant.__version__,
+        "torch_version": torch.__version__,
+        "files": file_hashes(root),
+    }
+
+
+def write_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any]) -> Path:
+    path = Path(root) / MANIFEST_FILE
+    path.write_text(json.dumps(build_manifest(Path(root), ckpt, fmt, options), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def verify_files(root: Path) -> dict[str, str]:
+    """Per-file verdict against the manifest: ``ok``, ``modified``, ``missing`` or ``unlisted``."""
+    root = Path(root)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{root} has no {MANIFEST_FILE}", "export the artifact with `turboquant export`")
+    listed = json.loads(path.read_text())["files"]
+    present = file_hashes(root)
+    verdict = {}
+    for name, info in listed.items():
+        if name not in present:
+            verdict[name] = "missing"
+        else:
+            verdict[name] = "ok" if present[name]["sha256"] == info["sha256"] else "modified"
+    for name in present.keys() - listed.keys():
+        verdict[name] = "unlisted"
+    return dict(sorted(verdict.items()))
