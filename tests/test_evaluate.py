@@ -95,3 +95,25 @@ def test_evaluate_paths_refuses_mismatched_baseline(tmp_path, tiny_model, heldou
                             tokenizer_from=tiny_model)
     with pytest.raises(DataError, match="vocabulary"):
         evaluate_paths(tiny_model, heldout_text, baseline=other, max_tokens=300)
+
+
+def test_saved_baseline_topk_kl_matches_the_exact_kl(tmp_path):
+    """A baseline saved once (float16 log-probs) gives the same perplexities and top-1, and KL within 1 %."""
+    from conftest import HELDOUT, REF_MODEL
+    from turboquant.evaluate import BaselineLogits, evaluate_many, load_model, load_tokenizer, read_text, tokenize
+    from turboquant.methods import make_config
+    from turboquant.quantize import quantize
+
+    ids = tokenize(load_tokenizer(REF_MODEL), read_text(HELDOUT))[:4096]
+    base = load_model(REF_MODEL)
+    q = load_model(quantize(REF_MODEL, make_config("rtn", bits=3, group_size=128), tmp_path / "q", progress=False))
+    exact = evaluate_many({"q": q}, ids, ctx=256, baseline=base)["q"]
+    BaselineLogits.compute(base, ids, ctx=256).save(tmp_path / "base.safetensors")
+    cached = BaselineLogits.load(tmp_path / "base.safetensors")
+    approx = evaluate_many({"q": q}, ids, ctx=256, baseline=cached)["q"]
+    assert approx.ppl == exact.ppl and approx.n_scored == exact.n_scored
+    assert abs(approx.baseline_ppl - exact.baseline_ppl) < 1e-6 * exact.baseline_ppl
+    assert approx.top1 == exact.top1
+    assert abs(approx.kl / exact.kl - 1) < 0.01, (approx.kl, exact.kl)
+    with pytest.raises(Exception, match="recompute the baseline"):
+        evaluate_many({"q": q}, ids, ctx=128, baseline=cached)
