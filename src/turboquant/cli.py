@@ -223,6 +223,45 @@ def export(
     typer.echo(f"wrote {path}")
 
 
+EXIT_GATE_FAILED = 3
+
+
+@app.command()
+@handle_errors
+def validate(
+    artifact: Path = typer.Argument(..., help="Artifact (from `turboquant export`) or quantized checkpoint directory."),
+    baseline: str = typer.Option(..., help="The unquantized model (directory or Hub repo id)."),
+    text: Path = typer.Option(..., help="Evaluation text (e.g. ../shared/data/heldout/all.txt)."),
+    ctx: int = typer.Option(512, help="Window length for perplexity / KL / top-1."),
+    long_ctx: Optional[int] = typer.Option(None, help="Long-context window (default: the longest that fits)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first N tokens of the text."),
+    tasks: list[str] = typer.Option([], "--task", help="lm-eval task (repeatable), e.g. tq_story_cloze."),
+    task_limit: Optional[int] = typer.Option(None, help="Examples per task (default: all)."),
+    gate: list[str] = typer.Option([], "--gate", help="Gate override key=value, e.g. max_kl=0.05 (null disables)."),
+    baseline_cache: Optional[Path] = typer.Option(None, help="File caching the baseline's distributions."),
+    json_out: Path = typer.Option(..., "--json", help="Where to write metrics + verdict (JSON)."),
+) -> None:
+    """Measure ARTIFACT in its own runtime against BASELINE and apply the gates; exit 3 when a gate fails."""
+    from turboquant.gates import Gates
+    from turboquant.model import resolve_model
+    from turboquant.validate import artifact_bits, validate as run_validate, write_validation
+
+    overrides = parse_options(gate)
+    gates = Gates.for_bits(artifact_bits(artifact) or 16, **overrides) if overrides else None
+    metrics = run_validate(artifact, resolve_model(baseline).path, text, ctx=ctx, long_ctx=long_ctx,
+                           max_tokens=max_tokens, tasks=tuple(tasks), task_limit=task_limit, gates=gates,
+                           baseline_cache=baseline_cache, progress=sys.stderr.isatty())
+    write_validation(metrics, json_out)
+    verdict = metrics["verdict"]
+    line = (f"{metrics['format']} in {metrics['runtime']}: ppl {metrics['ppl']:.4f} ({metrics['ppl_delta_pct']:+.2f}%), "
+            f"KL {metrics['kl']:.6f}, top-1 {metrics['top1']:.4f}, {metrics['bits_per_weight']:.2f} bits/weight")
+    typer.echo(line)
+    if not verdict["passed"]:
+        typer.echo(f"turboquant: gate failed: {'; '.join(verdict['reasons'])}", err=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
+    typer.echo("all gates passed")
+
+
 @app.command()
 @handle_errors
 def formats() -> None:

@@ -121,6 +121,8 @@ def judge(metrics: dict[str, Any], gates: Gates) -> Verdict:
                              gates.max_long_ppl_delta_pct, metrics.get("long_ppl_delta_pct")))
     if gates.max_task_drop is not None:
         for task, r in sorted((metrics.get("tasks") or {}).items()):
+            if "score" not in r:  # a task without an accuracy-type metric (e.g. perplexity) is reported, not gated
+                continue
             score, base = r.get("score"), r.get("baseline")
             drop = None if score is None or base is None else base - score
             checks.append(_upper(f"max_task_drop:{task}", f"{task} score drop (points)", gates.max_task_drop, drop))

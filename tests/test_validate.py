@@ -1,0 +1,64 @@
+"""validate: metrics in the artifact's runtime, gates, and a deliberately broken artifact failing every gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from conftest import HELDOUT, REF_MODEL
+from turboquant.cli import app
+from turboquant.formats import export
+from turboquant.methods import make_config
+from turboquant.quantize import quantize
+from turboquant.validate import validate
+
+pytestmark = pytest.mark.slow
+TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def w4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("val")
+    return quantize(REF_MODEL, make_config("rtn", bits=4, group_size=32), root / "q", progress=False)
+
+
+def test_gptq_artifact_is_measured_in_transformers_and_passes(w4, tmp_path):
+    art = export(w4, "gptq", tmp_path / "gptq")
+    m = validate(art, REF_MODEL, HELDOUT, max_tokens=TOKENS, baseline_cache=tmp_path / "base.safetensors")
+    assert m["format"] == "gptq" and m["runtime"] == "transformers + GPTQModel"
+    assert m["verdict"]["passed"], m["verdict"]
+    assert 0 < m["kl"] < 0.01 and m["top1"] > 0.9 and abs(m["ppl_delta_pct"]) < 5
+    assert m["long_ctx"] == 1024 and m["long_ppl"] > 0  # the model's whole context
+    assert 4.0 < m["bits_per_weight"] < 16.0 and m["bits"] == 4  # fp32 embeddings and head count too
+    assert {c["gate"] for c in m["verdict"]["checks"]} >= {"max_ppl_delta_pct", "max_kl", "min_top1"}
+    # the baseline was cached: a second artifact reuses it (and gets the same baseline perplexity)
+    again = validate(w4, REF_MODEL, HELDOUT, max_tokens=TOKENS, baseline_cache=tmp_path / "base.safetensors")
+    assert again["runtime"] == "torch (dequantized)" and again["baseline_ppl"] == pytest.approx(m["baseline_ppl"])
+    assert again["kl"] == pytest.approx(m["kl"], rel=0.05)
+
+
+def test_broken_artifact_fails_every_gate_with_reasons(w4, tmp_path):
+    """Scales zeroed in one layer (its weights become 0): every gate must fail, each with its reason."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(w4, broken)
+    shard = next(f for f in sorted(broken.glob("*.safetensors")) if "model.layers.0.mlp.down_proj.qscale" in load_file(f))
+    state = load_file(shard)
+    for name in state:
+        if name.startswith("model.layers.0.") and name.endswith(".qscale"):
+            state[name] = torch.zeros_like(state[name])
+    save_file(state, shard, metadata={"format": "pt"})
+    out = tmp_path / "v.json"
+    res = CliRunner().invoke(app, ["validate", str(broken), "--baseline", str(REF_MODEL), "--text", str(HELDOUT),
+                                   "--max-tokens", str(TOKENS), "--json", str(out)])
+    assert res.exit_code == 3, res.output
+    m = json.loads(out.read_text())
+    checks = m["verdict"]["checks"]
+    assert not m["verdict"]["passed"] and checks and all(not c["passed"] for c in checks), checks
+    assert len(m["verdict"]["reasons"]) == len(checks) and "gate failed" in res.output
+    assert m["kl"] > 0.1 and m["ppl_delta_pct"] > 5
