@@ -62,3 +62,34 @@ def test_broken_artifact_fails_every_gate_with_reasons(w4, tmp_path):
     assert not m["verdict"]["passed"] and checks and all(not c["passed"] for c in checks), checks
     assert len(m["verdict"]["reasons"]) == len(checks) and "gate failed" in res.output
     assert m["kl"] > 0.1 and m["ppl_delta_pct"] > 5
+
+
+def test_pareto_front():
+    from turboquant.report import pareto_front
+
+    pts = [(10, 5.0), (5, 6.0), (7, 5.5), (8, 7.0), (20, 4.0), (6, 6.5)]
+    assert pareto_front(pts) == [1, 2, 0, 4]
+
+
+def test_report_tables_every_artifact_with_plots(w4, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(w4, run / "quantized" / "rtn-w4-g32")
+    for fmt in ("gptq", "awq"):
+        art = export(w4, fmt, run / "artifacts" / fmt)
+        m = validate(art, REF_MODEL, HELDOUT, max_tokens=2048, baseline_cache=run / "baseline.safetensors")
+        (run / "eval").mkdir(exist_ok=True)
+        (run / "eval" / f"{fmt}.json").write_text(json.dumps(m))
+    failing = json.loads((run / "eval" / "awq.json").read_text())
+    failing["verdict"] = {"passed": False, "reasons": ["mean KL divergence 0.5 exceeds 0.1"], "checks": []}
+    (run / "eval" / "awq.json").write_text(json.dumps(failing))
+    res = CliRunner().invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    md = (run / "report.md").read_text()
+    assert "| gptq | gptq | transformers + GPTQModel | 4 |" in md and "| pass |" in md
+    assert "FAIL: mean KL divergence 0.5 exceeds 0.1" in md and "1 of 2 artifacts passed" in md
+    for png in ("size_vs_perplexity.png", "layer_error.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "src=\"http" not in page and "FAIL: mean KL" in page

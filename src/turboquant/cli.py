@@ -264,6 +264,19 @@ def validate(
 
 @app.command()
 @handle_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory holding validation JSON files (and quantized checkpoints)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the report (default: RUN_DIR)."),
+) -> None:
+    """Write the run's Markdown + self-contained HTML quality report with its plots."""
+    from turboquant.report import REPORT_HTML, write_report
+
+    md = write_report(run_dir, out)
+    typer.echo(f"wrote {md} and {md.with_name(REPORT_HTML)}")
+
+
+@app.command()
+@handle_errors
 def formats() -> None:
     """List the export formats and the runtimes that load them."""
     from turboquant.formats import FORMATS
