@@ -41,6 +41,26 @@ def test_gptq_artifact_is_measured_in_transformers_and_passes(w4, tmp_path):
     assert again["kl"] == pytest.approx(m["kl"], rel=0.05)
 
 
+def test_gguf_is_measured_in_llama_cpp_and_matches_torch(w4, tmp_path):
+    """Q4_0 packed from our codes: llama.cpp's perplexity equals torch's on the same weights within 1 %."""
+    art = export(w4, "gguf", tmp_path / "gguf", gguf_type="Q4_0")
+    cache = tmp_path / "base.safetensors"
+    ours = validate(art, REF_MODEL, HELDOUT, max_tokens=TOKENS, baseline_cache=cache)
+    torch_side = validate(w4, REF_MODEL, HELDOUT, max_tokens=TOKENS, baseline_cache=cache)
+    assert ours["runtime"] == "llama.cpp" and ours["bits"] == 4 and ours["verdict"]["passed"], ours["verdict"]
+    assert abs(ours["ppl"] / torch_side["ppl"] - 1) < 0.01, (ours["ppl"], torch_side["ppl"])
+    assert ours["top1"] > 0.95 and ours["long_ctx"] == 1024
+
+
+@pytest.mark.parametrize("fmt,runtime,opts", [("onnx", "onnxruntime", {}), ("mlx", "MLX (mlx-lm)", {"dtype": "float32"})])
+def test_onnx_and_mlx_are_measured_in_their_runtimes(w4, tmp_path, fmt, runtime, opts):
+    art = export(w4, fmt, tmp_path / fmt, **opts)
+    m = validate(art, REF_MODEL, HELDOUT, max_tokens=1024, long_ctx=1024, baseline_cache=tmp_path / "b.safetensors")
+    ref = validate(w4, REF_MODEL, HELDOUT, max_tokens=1024, long_ctx=1024, baseline_cache=tmp_path / "b.safetensors")
+    assert m["runtime"] == runtime and m["verdict"]["passed"], m["verdict"]
+    assert abs(m["ppl"] / ref["ppl"] - 1) < 1e-3 and abs(m["kl"] - ref["kl"]) < 1e-4
+
+
 def test_broken_artifact_fails_every_gate_with_reasons(w4, tmp_path):
     """Scales zeroed in one layer (its weights become 0): every gate must fail, each with its reason."""
     import shutil

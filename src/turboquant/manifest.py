@@ -31,13 +31,19 @@ def file_hashes(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any]) -> dict[str, Any]:
+def _plain(v: Any) -> Any:
+    return str(v) if isinstance(v, Path) else v
+
+
+def build_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any],
+                   details: dict[str, Any] | None = None) -> dict[str, Any]:
     meta = ckpt.meta
     schemes = sorted({json.dumps(info["scheme"], sort_keys=True) for info in ckpt.modules.values()})
     return {
         "manifest_version": MANIFEST_VERSION,
         "format": fmt,
-        "format_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items())},
+        "format_options": {k: _plain(v) for k, v in sorted(options.items())},
+        "format_details": {k: _plain(v) for k, v in sorted((details or {}).items())},
         "source": meta.get("source"),
         "method": meta.get("method"),
         "method_config": meta.get("config"),
@@ -51,9 +57,11 @@ def build_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dic
     }
 
 
-def write_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any]) -> Path:
+def write_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any],
+                   details: dict[str, Any] | None = None) -> Path:
     path = Path(root) / MANIFEST_FILE
-    path.write_text(json.dumps(build_manifest(Path(root), ckpt, fmt, options), indent=2, sort_keys=True) + "\n")
+    manifest = build_manifest(Path(root), ckpt, fmt, options, details)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 

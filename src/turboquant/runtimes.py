@@ -71,3 +71,99 @@ def _transformers(path: Path) -> torch.nn.Module:
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
     return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+
+
+class LlamaCppScorer:
+    """A GGUF file in llama.cpp (llama-cpp-python): logits for every position of a window."""
+
+    def __init__(self, gguf: Path, context: int | None = None) -> None:
+        import llama_cpp
+
+        self.path = gguf
+        self._llama_cpp = llama_cpp
+        probe = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        try:
+            self.vocab_size = probe.n_vocab()
+            self.context = context or int(probe.metadata.get(f"{probe.metadata['general.architecture']}"
+                                                             ".context_length", 2048))
+        finally:
+            probe.close()
+        self._llm, self._n_ctx = None, 0
+
+    def _model(self, n: int):
+        if self._llm is None or self._n_ctx < n:
+            if self._llm is not None:
+                self._llm.close()
+            threads = max(1, torch.get_num_threads())
+            self._llm = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=n, n_batch=n, n_ubatch=n,
+                                              logits_all=True, n_threads=threads, verbose=False, seed=0)
+            self._n_ctx = n
+        return self._llm
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        llm = self._model(int(ids.numel()))
+        llm.reset()
+        llm.eval(ids.tolist())
+        return torch.from_numpy(np.array(llm.scores[: ids.numel()], dtype=np.float32))
+
+
+@register_runtime("gguf", "llama.cpp")
+def _gguf(path: Path) -> LlamaCppScorer:
+    files = sorted(p for p in path.glob("*.gguf") if p.name != "imatrix.gguf")
+    if len(files) != 1:
+        raise ModelLoadError(f"{path} holds {len(files)} model GGUF files", "validate a directory with exactly one")
+    return LlamaCppScorer(files[0])
+
+
+class MlxScorer:
+    """An mlx-lm checkpoint in MLX (mlx_lm.load): logits of one window."""
+
+    def __init__(self, path: Path) -> None:
+        import mlx_lm
+
+        self.model, _ = mlx_lm.load(str(path))
+        config = json.loads((path / "config.json").read_text())
+        self.context = config.get("max_position_embeddings")
+        self.vocab_size = config.get("vocab_size")
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import mlx.core as mx
+        import numpy as np
+
+        out = self.model(mx.array([ids.tolist()])).astype(mx.float32)
+        return torch.from_numpy(np.array(out)[0])
+
+
+class OnnxScorer:
+    """An exported ONNX graph in onnxruntime (CPU execution provider): logits of one window."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        from turboquant.formats.onnx import MODEL_FILE
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        self.session = ort.InferenceSession(str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        config = json.loads((path / "config.json").read_text())
+        self.context = config.get("max_position_embeddings")
+        self.vocab_size = config.get("vocab_size")
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        batch = ids.reshape(1, -1).numpy().astype(np.int64)
+        out = self.session.run(None, {"input_ids": batch, "attention_mask": np.ones_like(batch)})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)[0])
+
+
+@register_runtime("mlx", "MLX (mlx-lm)")
+def _mlx(path: Path) -> MlxScorer:
+    return MlxScorer(path)
+
+
+@register_runtime("onnx", "onnxruntime")
+def _onnx(path: Path) -> OnnxScorer:
+    return OnnxScorer(path)

@@ -52,9 +52,12 @@ def artifact_bits(path: Path) -> float | None:
         return None
     data = json.loads(source.read_text())
     bits = [s["bits"] for s in data.get("schemes", [])] or ([data["scheme"]["bits"]] if data.get("scheme") else [])
-    options = data.get("format_options") or {}
-    if options.get("gguf_bits"):
-        bits.append(options["gguf_bits"])
+    gguf_type = (data.get("format_details") or {}).get("gguf_type")
+    if gguf_type:  # the file's type decides: a K-quant of a float checkpoint is a 2-6 bit artifact
+        import re
+
+        m = re.match(r"[QI]Q?(\d)", gguf_type)
+        return float(m.group(1)) if m else None
     return max(bits) if bits else None
 
 

@@ -35,7 +35,8 @@ class FormatError(ConfigError):
 
 
 Check = Callable[[QuantizedCheckpoint, dict[str, Any]], None]
-Write = Callable[[QuantizedCheckpoint, Path, dict[str, Any]], None]
+#: Writes the artifact; may return details recorded in the manifest (e.g. GGUF's type and conversion route).
+Write = Callable[[QuantizedCheckpoint, Path, dict[str, Any]], "dict[str, Any] | None"]
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ def export(qdir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = Fal
     ckpt = QuantizedCheckpoint.open(qdir)
     spec.check(ckpt, opts)
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
-        spec.write(ckpt, tmp, opts)
+        details = spec.write(ckpt, tmp, opts)
         carry_files(ckpt.path, tmp)
-        write_manifest(tmp, ckpt, fmt, opts)
+        write_manifest(tmp, ckpt, fmt, opts, details or {})
     return Path(out)
 
 

@@ -1,0 +1,153 @@
+"""MLX checkpoints in mlx-lm's layout (what ``mlx_lm.load`` / ``mlx_lm.generate`` and LM Studio's MLX engine read).
+
+Per quantized linear ``M`` ``[out, in]`` with groups of ``g`` input columns (``G = in / g``), MLX's "affine" mode:
+
+* ``M.weight`` uint32 ``[out, in * bits / 32]``: the codes of each row as one least-significant-bit-first stream
+  (for 3, 5 and 6 bits codes straddle bytes and words exactly as ``mx.quantize`` packs them: 8 codes in 3 / 5 bytes,
+  4 six-bit codes in 3 bytes), which is our canonical ``pack_bits`` stream read as little-endian words;
+* ``M.scales`` and ``M.biases`` ``[out, G]`` in the artifact's float dtype, with ``w = code * scale + bias``.
+
+Our weight is ``(code - zero) * scale``, so ``bias = -zero * scale``; codes and scales are copied, never re-rounded.
+Fractional (HQQ) zero points fit the same formula. ``bias`` is computed exactly in float32 (a product of two
+float16-exact numbers) and then stored in the artifact dtype:
+
+* ``dtype=float32``: scales and biases are exact, ``code * scale + bias`` reproduces our weights bit for bit;
+* ``dtype=float16`` (the default, what mlx-lm writes): scales are exact (they are float16 already); a bias is
+  rounded to the nearest float16 unless it is already one (always the case for symmetric schemes, where
+  ``zero = 2**(bits-1)`` only shifts the exponent). The weight error is the bias rounding,
+  ``|dW| <= 2**-11 * |zero * scale|`` (half an ulp; ``2**-25`` absolute in float16's subnormal range), i.e. at most
+  ``qmax / 2048`` of one quantization step.
+
+config.json gains ``quantization`` (and the same dict as ``quantization_config``, as mlx-lm writes it):
+``{"group_size": g, "bits": b, "mode": "affine"}`` for the most common scheme, plus one entry per module whose
+scheme differs (``"model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 8}``), which mlx-lm applies per layer,
+so mixed-precision checkpoints are representable. Linears left in float keep a plain ``weight`` (mlx-lm leaves a
+module unquantized when it has no ``scales``). MLX groups are 32, 64 or 128 inputs; a per-channel (or per-tensor)
+scheme fits only where ``in_features`` is one of those; act-order (g_idx) is not representable.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.formats.base import (
+    FormatError, ShardedWriter, has_act_order, iter_shards, register_format, schemes, source_config, write_json,
+)
+from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_words
+
+#: Bit widths and group sizes of MLX's affine quantization (mlx 0.32: ``mx.quantize`` / ``quantized_matmul``).
+MLX_BITS = (2, 3, 4, 5, 6, 8)
+MLX_GROUP_SIZES = (32, 64, 128)
+#: Artifact dtypes; bfloat16 is not offered: it would re-round the float16 scales (8 vs 11 significant bits).
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def mlx_group_size(scheme: QuantScheme, in_features: int) -> int:
+    """The MLX group of a module: the scheme's group, or the whole row for per-channel / per-tensor scales."""
+    return scheme.group_size if scheme.group_size > 0 else in_features
+
+
+def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
+    if not schemes(ckpt):
+        raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",
+                          "quantize with a weight method (rtn, gptq, awq, hqq) before exporting to mlx")
+    if options["dtype"] not in DTYPES:
+        raise FormatError(f"dtype={options['dtype']!r} is not an MLX artifact dtype",
+                          f"use one of {sorted(DTYPES)} (float16 scales are stored exactly in both)")
+    if has_act_order(ckpt):
+        raise FormatError("the checkpoint uses act-order groups (g_idx), which MLX's contiguous groups cannot store",
+                          "export it to gptq or compressed-tensors, "
+                          "or re-quantize GPTQ with --option static_groups=true")
+    for module, info in ckpt.modules.items():
+        check_module(module, ckpt.scheme(module), info["shape"][1])
+
+
+def check_module(module: str, scheme: QuantScheme, in_features: int) -> None:
+    """Refuse one linear whose bit width or group MLX's affine quantization does not have."""
+    if scheme.bits not in MLX_BITS:
+        raise FormatError(f"{module} has {scheme.bits}-bit codes; MLX holds {', '.join(map(str, MLX_BITS))}-bit",
+                          "re-quantize with --bits 4 (or 2, 3, 5, 6, 8), or export to gguf / gptq")
+    group = mlx_group_size(scheme, in_features)
+    if group not in MLX_GROUP_SIZES:
+        what = (f"groups of {group}" if scheme.group_size > 0
+                else f"one scale per {scheme.granularity} ({in_features} inputs)")
+        raise FormatError(f"{module} ({scheme.describe()}) has {what}; MLX groups are "
+                          f"{', '.join(map(str, MLX_GROUP_SIZES))} inputs",
+                          "re-quantize with --group-size 64 (or 32, 128), or export to gptq / compressed-tensors")
+
+
+def pack_module(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``weight``, ``scales``, ``biases`` of one linear (names relative to the module)."""
+    scale, zero = qt.scale, qt.zero
+    if qt.scheme.group_size == PER_TENSOR:  # one scale per tensor is one group per row, repeated
+        scale, zero = scale.expand(qt.shape[0], 1), zero.expand(qt.shape[0], 1)
+    bias = -(zero.float() * scale.float())  # exact in float32: float16-exact zero times float16 scale
+    biases = bias.to(dtype)
+    if not bool(torch.isfinite(biases).all()):
+        raise FormatError(f"a bias -zero*scale overflows {dtype} (|bias| up to {bias.abs().max().item():.3g})",
+                          "export with --option dtype=float32")
+    return {
+        "weight": pack_words(qt.codes, qt.scheme.bits, torch.int32).view(torch.uint32),
+        "scales": scale.to(dtype).contiguous(),
+        "biases": biases.contiguous(),
+    }
+
+
+def quantization_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
+    """mlx-lm's ``quantization`` dict: the most common (group_size, bits) plus per-module overrides."""
+    per_module = {m: (mlx_group_size(ckpt.scheme(m), info["shape"][1]), ckpt.scheme(m).bits)
+                  for m, info in ckpt.modules.items()}
+    counts = Counter(per_module.values())
+    group_size, bits = max(sorted(counts), key=lambda k: counts[k])
+    config: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for module, (g, b) in sorted(per_module.items()):
+        if (g, b) != (group_size, bits):
+            config[module] = {"group_size": g, "bits": b, "mode": "affine"}
+    return config
+
+
+def mlx_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
+    """config.json for mlx-lm: the source config with transformers 5's ``rope_parameters`` spelled out as the
+    top-level ``rope_theta`` / ``rope_scaling`` mlx-lm's model classes read (they ignore ``rope_parameters``)."""
+    config = source_config(ckpt)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    has_head = any(name.startswith("lm_head.") for name in ckpt.tensors.tensors)
+    config.setdefault("tie_word_embeddings", not has_head)  # mlx-lm's default is True, transformers' often False
+    qcfg = quantization_config(ckpt)
+    config["quantization"] = qcfg
+    config["quantization_config"] = dict(qcfg)
+    return config
+
+
+def cast_plain(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float tensors (embeddings, norms, unquantized linears) in the artifact dtype; refuses values it overflows."""
+    out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    for name, t in out.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{name} has values beyond the range of {dtype}", "export with --option dtype=float32")
+    return out
+
+
+@register_format("mlx", description="mlx-lm affine layout (uint32 weight, scales, biases; per-layer bits)",
+                 runtime="mlx-lm (Apple silicon; Linux CPU via mlx[cpu])", check=check,
+                 options={"dtype": "float16"})
+def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> None:
+    dtype = DTYPES[options["dtype"]]
+    writer = None
+    for shard in iter_shards(ckpt):
+        writer = writer or ShardedWriter(out, shard.total)
+        tensors = cast_plain(shard.plain, dtype)
+        for module, qt in shard.quantized.items():
+            tensors.update({f"{module}.{k}": v for k, v in pack_module(qt, dtype).items()})
+        writer.write(shard.index, tensors)
+    writer.finish()
+    write_json(out / "config.json", mlx_config(ckpt))
