@@ -194,8 +194,8 @@ NATIVE_CASES = [
     ("Q5_0", "rtn", dict(bits=5, group_size=32, symmetric=True)),
     ("Q5_1", "rtn", dict(bits=5, group_size=32, symmetric=False)),
     ("Q8_0", "rtn", dict(bits=8, group_size=32, symmetric=True)),
-    ("Q4_0", "rtn", dict(bits=4, group_size=64, symmetric=True)),  # a multiple of 32: the scale repeats per block
-    ("Q4_1", "rtn", dict(bits=4, group_size=-1, symmetric=False)),  # per channel
+    ("Q4_0", "rtn", dict(bits=4, group_size=64, symmetric=True)),  # a multiple of 32: expand_groups repeats scales
+    ("Q4_1", "rtn", dict(bits=4, group_size=-1, symmetric=False)),  # per channel, expanded the same way
     ("Q4_1", "hqq", dict(bits=4, group_size=32)),  # fractional zero points: m = -zero·scale holds them too
 ]
 
@@ -219,7 +219,8 @@ def test_native_fit_packs_codes_exactly(tiny_model, tmp_path, qtype, method, sch
     from turboquant.formats.gguf_model import NameMap
 
     qdir = quantize(tiny_model, make_config(method, **scheme), tmp_path / "q", progress=False)
-    path = gguf_file(export(qdir, "gguf", tmp_path / "out"))
+    expand = scheme["group_size"] != 32
+    path = gguf_file(export(qdir, "gguf", tmp_path / "out", expand_groups=expand))
     assert path.name.endswith(f"-{qtype}.gguf")
     ckpt = QuantizedCheckpoint.open(qdir)
     names = NameMap(ckpt.config)
@@ -273,10 +274,14 @@ def test_impossible_combinations_fail_before_writing(tiny_model, tmp_path):
                    progress=False)
     g16 = quantize(tiny_model, make_config("rtn", bits=4, group_size=16, symmetric=True), tmp_path / "d",
                    progress=False)
+    g64 = quantize(tiny_model, make_config("rtn", bits=4, group_size=64, symmetric=True), tmp_path / "e",
+                   progress=False)
     cases = [
         (asym, dict(gguf_type="Q4_0"), "Q4_1"),  # Q4_0 cannot hold zero points: names the type that can
         (w3, {}, "Q4_K_M"),  # 3-bit fits no block type: names the K-quant route
         (g16, dict(gguf_type="Q4_0"), "group-size 32"),  # half blocks: names the re-quantization
+        (g64, dict(gguf_type="Q4_0"), "expand_groups=true"),  # Q4_0 from larger groups: only when asked for
+        (g64, {}, "expand_groups=true"),
         (sym, dict(gguf_type="Q4_0", imatrix="x.gguf"), "K-quant"),  # an imatrix only feeds K-quants
         (sym, dict(gguf_type="Q4_K_M"), "calib="),  # K-quants need an importance matrix (or imatrix=none)
         (sym, dict(gguf_type="Q4_K_M", imatrix=str(tmp_path / "missing.gguf")), "does not exist"),

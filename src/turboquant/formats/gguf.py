@@ -14,9 +14,11 @@ any                       K-quant (Q2_K … Q6_K)        llama.cpp's quantizer o
 ========================  ==========================  ===================================================
 
 Native fits (``NATIVE``): a GGUF block type holds 32 consecutive weights of a row with one float16 scale ``d``
-(and a float16 ``m`` for the ``_1`` types). Our codes map onto them exactly when groups are whole blocks
-(group size 32 or a multiple of it, per-channel or per-tensor with rows a multiple of 32; the scale is repeated per
-block) and the group of a column is ``column // group`` (no act-order permutation):
+(and a float16 ``m`` for the ``_1`` types). Our codes map onto them exactly when groups are blocks (group size 32)
+and the group of a column is ``column // group`` (no act-order permutation). Larger groups (a multiple of 32,
+per-channel, per-tensor) are written only with ``expand_groups=true``, each block repeating its group's scale —
+exact too, but a checkpoint made for a coarser grid than the type's is refused by default so that a user asking
+for Q4_0 from group 128 learns what they get:
 
 * Q4_0 ``(q - 8)·d``, Q5_0 ``(q - 16)·d``, Q8_0 ``q·d`` (int8): our symmetric codes with zero ``2**(bits-1)``
   (Q8_0's int8 is ``code - 128``) and ``d = scale``: bit-exact.
@@ -75,14 +77,20 @@ CONVERSIONS = {
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def native_fit(scheme: QuantScheme, in_features: int) -> str | None:
-    """The GGUF block type holding ``scheme``'s codes exactly (contiguous groups assumed), or None."""
+def native_fit(scheme: QuantScheme, in_features: int, expand_groups: bool = False) -> str | None:
+    """The GGUF block type holding ``scheme``'s codes exactly (contiguous groups assumed), or None.
+
+    Groups of exactly 32 are blocks. Larger groups (a multiple of 32, per-channel, per-tensor) fit too when
+    ``expand_groups`` is set: each block then repeats its group's scale, which keeps every code and scale exact.
+    """
     fits = [t for t, (bits, sym) in NATIVE.items() if bits == scheme.bits and sym == scheme.symmetric]
     if not fits or in_features % BLOCK:
         return None
     g = scheme.group_size
+    if g == BLOCK:
+        return fits[0]
     whole_blocks = (g > 0 and g % BLOCK == 0) or g in (PER_CHANNEL, PER_TENSOR)
-    return fits[0] if whole_blocks else None
+    return fits[0] if whole_blocks and expand_groups else None
 
 
 def _describe_native(t: str) -> str:
@@ -100,10 +108,10 @@ class Target:
     module_types: dict[str, str]
 
 
-def _module_fits(ckpt: QuantizedCheckpoint) -> dict[str, str | None]:
+def _module_fits(ckpt: QuantizedCheckpoint, expand_groups: bool) -> dict[str, str | None]:
     fits: dict[str, str | None] = {}
     for module, info in ckpt.modules.items():
-        fit = native_fit(ckpt.scheme(module), int(info["shape"][1]))
+        fit = native_fit(ckpt.scheme(module), int(info["shape"][1]), expand_groups)
         if fit and info.get("act_order") and not _contiguous_groups(ckpt, module):
             fit = None
         fits[module] = fit
@@ -132,21 +140,30 @@ def resolve_target(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> Target
         return Target(requested, "llama.cpp", {})
     if requested in FLOAT_TYPES:
         return Target(requested, "dequantize", {})
-    fits = _module_fits(ckpt)
+    expand = bool(options.get("expand_groups"))
+    fits = _module_fits(ckpt, expand)
     unfit = sorted(m for m, t in fits.items() if t is None or (requested and t != requested))
     if unfit:
         module = unfit[0]
         desc = ckpt.scheme(module).describe()
         act = " with act-order groups" if ckpt.modules[module].get("act_order") else ""
         fit = fits[module]
+        expanded = None if expand else _module_fits(ckpt, True)[module]
+        expandable = expanded is not None and fit is None and requested in (None, expanded)
         if requested is None:
-            problem = f"{module} is {desc}{act}, which no GGUF block type holds exactly"
+            problem = f"{module} is {desc}{act}, which no GGUF block type holds exactly as it is"
         else:
             problem = f"{_describe_native(requested)}; {module} is {desc}{act}"
-        fix = (f"use --gguf-type {fit} (holds these codes exactly)" if fit else
-               "use a K-quant such as --gguf-type Q4_K_M --option calib=CALIB (re-quantized by llama.cpp from the "
-               "dequantized weights) or F16, or re-quantize with --group-size 32 and 4, 5 or 8 bits "
-               "(--sym for Q4_0/Q5_0/Q8_0)")
+        if fit:
+            fix = f"use --gguf-type {fit} (holds these codes exactly)"
+        elif expandable:
+            fix = (f"pass --option expand_groups=true to write {expanded} with each group's scale repeated over its "
+                   f"blocks of {BLOCK} (exact: codes and scales kept), re-quantize with --group-size {BLOCK}, or use "
+                   "a K-quant such as --gguf-type Q4_K_M --option calib=CALIB")
+        else:
+            fix = ("use a K-quant such as --gguf-type Q4_K_M --option calib=CALIB (re-quantized by llama.cpp from "
+                   "the dequantized weights) or F16, or re-quantize with --group-size 32 and 4, 5 or 8 bits "
+                   "(--sym for Q4_0/Q5_0/Q8_0)")
         raise FormatError(problem, fix)
     types = {m: str(t) for m, t in fits.items()}
     name = requested or Counter(types.values()).most_common(1)[0][0]
@@ -159,6 +176,9 @@ def resolve_target(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> Target
 
 
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
+    if not isinstance(options.get("expand_groups"), bool):
+        raise FormatError(f"expand_groups={options.get('expand_groups')!r} is not true or false",
+                          "pass --option expand_groups=true or false")
     try:
         config = ckpt.config
         gguf_model.check_config(config)
@@ -510,7 +530,7 @@ def _imatrix_for(ckpt: QuantizedCheckpoint, options: dict[str, Any], names: gguf
     "gguf", description="GGUF for llama.cpp: native blocks (codes packed unchanged), F16/BF16/Q8_0 from float, "
                         "K-quants by llama.cpp with an importance matrix",
     runtime="llama.cpp, llama-cpp-python, Ollama, LM Studio", check=check,
-    options={"gguf_type": None, "imatrix": None, "calib": None},
+    options={"gguf_type": None, "imatrix": None, "calib": None, "expand_groups": False},
 )
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> dict[str, Any]:
     target = resolve_target(ckpt, options)
