@@ -277,6 +277,34 @@ def report(
 
 @app.command()
 @handle_errors
+def plan(params: Path = typer.Argument(Path("params.yaml"), help="The plan (params.yaml).")) -> None:
+    """Validate the plan and print what it expands to; impossible combinations fail before any work."""
+    from turboquant.model import resolve_model
+    from turboquant.plan import Plan
+
+    p = Plan.from_yaml(params)
+    failures = []
+    for m in p.models:
+        local = Path(m["id"]).expanduser()
+        typer.echo(f"model {m['id']}" + (f" @ {m['revision']}" if m.get("revision") else ""))
+        results = p.check_formats(resolve_model(local).path) if local.is_dir() else None
+        for q in p.quantize:
+            typer.echo(f"  quantize {q.name}: {q.config.to_json()}")
+            for target in q.formats:
+                err = next((e for n, lbl, e in results if n == q.name and lbl == target.label), None) if results else None
+                typer.echo(f"    export {target.label}" + (f"  <- IMPOSSIBLE: {err}" if err else ""))
+                if err:
+                    failures.append((f"{m['id']} {q.name} -> {target.label}", err))
+        if results is None:
+            typer.echo("  (Hub model: shapes are checked once it is fetched)")
+    if failures:
+        where, err = failures[0]
+        raise ConfigError(f"{len(failures)} planned artifact(s) cannot be made; first {where}: {err.problem}", err.fix)
+    typer.echo(f"plan OK: {sum(len(q.formats) for q in p.quantize) * len(p.models)} artifacts")
+
+
+@app.command()
+@handle_errors
 def formats() -> None:
     """List the export formats and the runtimes that load them."""
     from turboquant.formats import FORMATS

@@ -96,7 +96,7 @@ def native_fit(scheme: QuantScheme, in_features: int, expand_groups: bool = Fals
 def _describe_native(t: str) -> str:
     bits, sym = NATIVE[t]
     return (f"{t} holds {bits}-bit {'symmetric' if sym else 'asymmetric'} codes in blocks of {BLOCK} along the "
-            f"input dimension (groups of {BLOCK} or a multiple)")
+            f"input dimension (groups of {BLOCK}; larger contiguous groups with expand_groups=true)")
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ def _module_fits(ckpt: QuantizedCheckpoint, expand_groups: bool) -> dict[str, st
 
 
 def _contiguous_groups(ckpt: QuantizedCheckpoint, module: str) -> bool:
+    if getattr(ckpt, "planned", False):  # a plan's act-order (dynamic groups) permutes columns
+        return False
     qt = ckpt.quantized_tensor(module)
     g = qt.scheme.group_size
     natural = torch.arange(qt.shape[1]) // g if g > 0 else torch.zeros(qt.shape[1], dtype=torch.long)
