@@ -63,3 +63,13 @@ def test_impossible_combinations_fail_in_the_plan(tmp_path, quant, label, needle
 def test_bad_params_are_rejected_with_the_fix(data, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         Plan.from_dict(data)
+
+
+def test_the_repository_params_yaml_is_a_valid_plan(monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # its paths are relative to the repository, as `turboquant run` is started there
+    p = Plan.from_yaml(root / "params.yaml")
+    results = p.check_formats(Path(p.models[0]["id"]))
+    assert len(results) == 9 and all(err is None for _, _, err in results), [e for *_, e in results if e]

@@ -305,6 +305,23 @@ def plan(params: Path = typer.Argument(Path("params.yaml"), help="The plan (para
 
 @app.command()
 @handle_errors
+def run(
+    params: Path = typer.Argument(Path("params.yaml"), help="The plan (params.yaml)."),
+    run_dir: Path = typer.Option(Path("runs/latest"), help="Where the run's outputs go."),
+) -> None:
+    """Run the whole plan as the Prefect flow quantize_model (embedded: no server needed)."""
+    from turboquant.plan import Plan
+
+    Plan.from_yaml(params)  # a bad plan fails here, before Prefect starts
+    from flows.quantize_model import quantize_model  # the CLI is the one engine module that reaches the flows
+
+    verdicts = quantize_model(params=str(params), run_dir=str(run_dir))
+    passed = sum(v["passed"] for v in verdicts)
+    typer.echo(f"{passed} of {len(verdicts)} artifacts passed their gates; report: {run_dir}")
+
+
+@app.command()
+@handle_errors
 def formats() -> None:
     """List the export formats and the runtimes that load them."""
     from turboquant.formats import FORMATS

@@ -1,0 +1,49 @@
+"""The quantize_model flow end to end in Prefect's embedded mode: plan → artifacts → validation → report,
+and a re-run of the unchanged plan served from the task cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import HELDOUT, REF_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, params, run_dir):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+    return subprocess.run([sys.executable, "-m", "turboquant.cli", "run", str(params), "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+
+
+def test_flow_runs_the_plan_and_caches_a_rerun(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "models": [{"id": str(REF_MODEL)}],
+        "evaluation": {"text": str(HELDOUT), "ctx": 256, "max_tokens": 2048},
+        "quantize": [{"method": "rtn", "options": {"bits": 4, "group_size": 32},
+                      "formats": ["gptq", {"format": "gguf", "gguf_type": "Q4_0"}]}],
+    }))
+    run = tmp_path / "run"
+    res = _run(tmp_path, params, run)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "2 of 2 artifacts passed their gates" in res.stdout
+    model = run / REF_MODEL.name
+    assert (model / "quantized" / "rtn-w4-g32" / "turboquant.json").is_file()
+    for label in ("gptq", "gguf-Q4_0"):
+        assert (model / "artifacts" / f"rtn-w4-g32-{label}" / "manifest.json").is_file()
+        v = json.loads((model / "eval" / f"rtn-w4-g32-{label}.json").read_text())
+        assert v["verdict"]["passed"] and v["n_scored"] > 1000
+    assert json.loads((model / "eval" / "rtn-w4-g32-gguf-Q4_0.json").read_text())["runtime"] == "llama.cpp"
+    assert "| rtn-w4-g32-gguf-Q4_0 | gguf | llama.cpp |" in (model / "report.md").read_text()
+    stamp = (model / "quantized" / "rtn-w4-g32" / "turboquant.json").stat().st_mtime_ns
+    again = _run(tmp_path, params, run)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (model / "quantized" / "rtn-w4-g32" / "turboquant.json").stat().st_mtime_ns == stamp  # cached, not redone
