@@ -16,11 +16,29 @@ from conftest import HELDOUT, REF_MODEL
 pytestmark = pytest.mark.slow
 
 
+READ_ARTIFACT = """
+import asyncio
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+async def main():
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["quantization-report"])))
+        for a in found:
+            print(a.data)
+
+asyncio.run(main())
+"""
+
+
+def _env(tmp_path):
+    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+
+
 def _run(tmp_path, params, run_dir):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
     return subprocess.run([sys.executable, "-m", "turboquant.cli", "run", str(params), "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=900, cwd=tmp_path)
 
 
 def test_flow_runs_the_plan_and_caches_a_rerun(tmp_path):
@@ -43,6 +61,9 @@ def test_flow_runs_the_plan_and_caches_a_rerun(tmp_path):
         assert v["verdict"]["passed"] and v["n_scored"] > 1000
     assert json.loads((model / "eval" / "rtn-w4-g32-gguf-Q4_0.json").read_text())["runtime"] == "llama.cpp"
     assert "| rtn-w4-g32-gguf-Q4_0 | gguf | llama.cpp |" in (model / "report.md").read_text()
+    attached = subprocess.run([sys.executable, "-c", READ_ARTIFACT], capture_output=True, text=True, timeout=300,
+                              env=_env(tmp_path), cwd=tmp_path)
+    assert "| rtn-w4-g32-gptq | gptq |" in attached.stdout, attached.stderr[-2000:]  # the report, on the flow run
     stamp = (model / "quantized" / "rtn-w4-g32" / "turboquant.json").stat().st_mtime_ns
     again = _run(tmp_path, params, run)
     assert again.returncode == 0, again.stderr[-3000:]
