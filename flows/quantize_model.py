@@ -45,16 +45,32 @@ def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest") ->
                                                str(run / name / "quantized" / q.name))
             for q in plan.quantize
         }
-        checks = []
+        checks = {}
         for q in plan.quantize:
             for target in q.formats:
+                label = f"{q.name}-{target.label}"
                 art = export_artifact.submit(quantized[q.name], target.format, target.options,
-                                             str(run / name / "artifacts" / f"{q.name}-{target.label}"))
-                checks.append(validate_artifact.submit(art, model_dir, evaluation, plan.gates, baseline,
-                                                       str(run / name / "eval" / f"{q.name}-{target.label}.json")))
-        wait(checks)
-        verdicts += [c.result() for c in checks]
-        report_run(str(run / name))
+                                             str(run / name / "artifacts" / label))
+                checks[label] = validate_artifact.submit(art, model_dir, evaluation, plan.gates, baseline,
+                                                         str(run / name / "eval" / f"{label}.json"))
+        wait(list(checks.values()))
+        verdicts += [_verdict(run / name / "artifacts" / label, c) for label, c in checks.items()]
+        if any(v.get("validation") for v in verdicts):
+            report_run(str(run / name))
     for v in verdicts:
         print(f"{'PASS' if v['passed'] else 'FAIL'} {v['artifact']}" + (f": {'; '.join(v['reasons'])}" if v['reasons'] else ""))
     return verdicts
+
+
+def _verdict(artifact: Path, future) -> dict:
+    """The validation result, or — when its export or validation failed — a failed verdict saying why: one
+    artifact's failure blocks that artifact and nothing else."""
+    state = future.state
+    if state.is_completed():
+        return future.result()
+    try:
+        future.result()
+        reason = state.message or state.name
+    except Exception as e:  # noqa: BLE001 - the task's own error, reported as this artifact's verdict
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return {"artifact": str(artifact), "passed": False, "reasons": [f"not produced: {reason}"], "error": True}

@@ -68,3 +68,33 @@ def test_flow_runs_the_plan_and_caches_a_rerun(tmp_path):
     again = _run(tmp_path, params, run)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (model / "quantized" / "rtn-w4-g32" / "turboquant.json").stat().st_mtime_ns == stamp  # cached, not redone
+
+
+def test_a_failing_artifact_blocks_only_itself(tmp_path):
+    """GPTQ v1 cannot store the zero point 0 a positive-only group gets (known only once quantized): that export
+    fails, the AWQ export of the same checkpoint is still validated and reported, and the run exits 3."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(REF_MODEL, model)
+    weights = next(model.glob("*.safetensors"))
+    state = load_file(weights)
+    state["model.layers.0.self_attn.q_proj.weight"][0] = state["model.layers.0.self_attn.q_proj.weight"][0].abs()
+    save_file({k: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "models": [{"id": str(model)}],
+        "evaluation": {"text": str(HELDOUT), "ctx": 256, "max_tokens": 1024},
+        "quantize": [{"method": "rtn", "options": {"bits": 4, "group_size": 32, "symmetric": False},
+                      "formats": ["gptq", "awq"]}],
+    }))
+    run = tmp_path / "run"
+    res = _run(tmp_path, params, run)
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "1 of 2 artifacts passed" in res.stdout and "gptq_v2" in res.stderr
+    out = run / "model"
+    assert not (out / "artifacts" / "rtn-w4-g32-asym-gptq").exists()
+    assert json.loads((out / "eval" / "rtn-w4-g32-asym-awq.json").read_text())["verdict"]["passed"]
+    assert "rtn-w4-g32-asym-awq" in (out / "report.md").read_text()

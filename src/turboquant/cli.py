@@ -318,6 +318,11 @@ def run(
     verdicts = quantize_model(params=str(params), run_dir=str(run_dir))
     passed = sum(v["passed"] for v in verdicts)
     typer.echo(f"{passed} of {len(verdicts)} artifacts passed their gates; report: {run_dir}")
+    failed = [v for v in verdicts if not v["passed"]]
+    if failed:
+        typer.echo(f"turboquant: {len(failed)} artifact(s) not approved; first: {Path(failed[0]['artifact']).name}: "
+                   f"{'; '.join(failed[0]['reasons'])}", err=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 @app.command()
