@@ -28,6 +28,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise OutputError(f"cannot create {parent} ({e.strerror})", "choose a writable --out location") from None
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent} is not writable", "choose a writable --out location or fix its permissions")
+    remove_stale_partials(parent, out.name)
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -43,6 +44,35 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(parent: Path, name: str) -> list[Path]:
+    """Delete what a killed writer of ``name`` left: ``.name.tmp-PID`` / ``.name.old-PID`` of dead processes.
+
+    A process killed with SIGKILL cannot clean up; the next writer of the same output does it, so no partial
+    artifact survives a crash. Directories of live processes (a concurrent writer) are left alone.
+    """
+    removed = []
+    for path in sorted(parent.glob(f".{name}.*-*")):
+        kind, _, pid = path.name[len(name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not (parent / name).exists():  # killed between its two renames: put the old one back
+            os.replace(path, parent / name)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def sha256_file(path: Path) -> str:
