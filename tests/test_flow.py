@@ -98,3 +98,38 @@ def test_a_failing_artifact_blocks_only_itself(tmp_path):
     assert not (out / "artifacts" / "rtn-w4-g32-asym-gptq").exists()
     assert json.loads((out / "eval" / "rtn-w4-g32-asym-awq.json").read_text())["verdict"]["passed"]
     assert "rtn-w4-g32-asym-awq" in (out / "report.md").read_text()
+
+
+def test_sigkill_mid_run_then_rerun_resumes_without_redoing_finished_tasks(tmp_path):
+    """Kill the run (SIGKILL) once exports have started; the re-run reuses the finished quantization, completes
+    every artifact, and no partial directory survives."""
+    import signal
+    import time
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "models": [{"id": str(REF_MODEL)}],
+        "evaluation": {"text": str(HELDOUT), "ctx": 256, "max_tokens": 1024},
+        "quantize": [{"method": "rtn", "options": {"bits": 4, "group_size": 32},
+                      "formats": ["gptq", "awq", {"format": "gguf", "gguf_type": "Q4_0"}]}],
+    }))
+    run = tmp_path / "run"
+    model = run / REF_MODEL.name
+    proc = subprocess.Popen([sys.executable, "-m", "turboquant.cli", "run", str(params), "--run-dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(tmp_path), cwd=tmp_path,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (model / "artifacts").is_dir():
+        time.sleep(0.05)
+    assert (model / "artifacts").is_dir(), "the run never reached the exports"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: the CLI and its embedded Prefect server
+    proc.wait()
+    stamp = (model / "quantized" / "rtn-w4-g32" / "turboquant.json").stat().st_mtime_ns
+    res = _run(tmp_path, params, run)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "3 of 3 artifacts passed" in res.stdout
+    assert (model / "quantized" / "rtn-w4-g32" / "turboquant.json").stat().st_mtime_ns == stamp
+    leftovers = [p for p in run.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == []
+    for label in ("gptq", "awq", "gguf-Q4_0"):
+        assert (model / "artifacts" / f"rtn-w4-g32-{label}" / "manifest.json").is_file()
