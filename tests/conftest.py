@@ -59,3 +59,36 @@ def tiny_model_copy(tiny_model, tmp_path) -> Path:
     dst = tmp_path / "model"
     shutil.copytree(tiny_model, dst)
     return dst
+
+
+def splice(base: Path, other: Path, out: Path, layer: int) -> Path:
+    """A mixed-precision checkpoint: ``base`` with decoder block ``layer`` (shard and metadata) taken from ``other``."""
+    import json
+    import shutil
+
+    from turboquant.checkpoint import METADATA_FILE
+
+    shutil.copytree(base, out)
+    shard = sorted(p.name for p in other.glob("model-*.safetensors"))[layer]
+    shutil.copyfile(other / shard, out / shard)
+    meta, other_meta = (json.loads((d / METADATA_FILE).read_text()) for d in (out, other))
+    prefix = f"model.layers.{layer}."
+    meta["modules"].update({m: info for m, info in other_meta["modules"].items() if m.startswith(prefix)})
+    (out / METADATA_FILE).write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="session")
+def refused(tmp_path_factory):
+    """Checkpoints grouped formats (MLX, ONNX) cannot hold: per-channel over 96 / 192 inputs, GPTQ act-order."""
+    from turboquant.calibration import CalibrationRecipe, build_calibration
+    from turboquant.methods import make_config
+    from turboquant.quantize import quantize
+
+    root = tmp_path_factory.mktemp("refused")
+    wide = save_tiny_model(root / "wide", hidden=96, intermediate=192, layers=1, heads=4, kv_heads=2, vocab=512)
+    chan = quantize(wide, make_config("rtn", bits=4, group_size=-1), root / "chan", progress=False)
+    calib = build_calibration(CalibrationRecipe(sources=(str(CALIB / "tiny.txt"),), n_samples=2, seqlen=32), wide)
+    act = quantize(wide, make_config("gptq", bits=4, group_size=32, act_order=True), root / "act", calib=calib,
+                   progress=False)
+    return {"chan96": chan, "act_order": act}

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CALIB
-from turboquant.checkpoint import METADATA_FILE, QuantizedCheckpoint
+from conftest import splice
+from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats import FormatError, export
 from turboquant.formats.mlx import MLX_BITS, MLX_GROUP_SIZES
 from turboquant.methods import make_config
@@ -45,18 +44,6 @@ def qdirs(tiny_model, tmp_path_factory):
         "fp16": ("fp16", {}),
     }
     return {k: quantize(tiny_model, make_config(m, **kw), root / k, progress=False) for k, (m, kw) in specs.items()}
-
-
-def splice(base, other, out, layer: int):
-    """A mixed-precision checkpoint: ``base`` with decoder block ``layer`` (shard and metadata) taken from ``other``."""
-    shutil.copytree(base, out)
-    shard = sorted(p.name for p in other.glob("model-*.safetensors"))[layer]
-    shutil.copyfile(other / shard, out / shard)
-    meta, other_meta = (json.loads((d / METADATA_FILE).read_text()) for d in (out, other))
-    prefix = f"model.layers.{layer}."
-    meta["modules"].update({m: info for m, info in other_meta["modules"].items() if m.startswith(prefix)})
-    (out / METADATA_FILE).write_text(json.dumps(meta))
-    return out
 
 
 def _load(out) -> dict[str, np.ndarray]:
@@ -184,20 +171,6 @@ def test_linear_biases_are_carried(tmp_path):
     ids = [0, 31, 45, 102, 7, 99, 248, 13]
     diff = float(np.abs(np.array(model(mx.array([ids])))[0] - _torch_logits(qdir, ids)).max())
     assert diff <= LOGIT_TOL["float32"], f"max |logit diff| {diff:.3g}"
-
-
-@pytest.fixture(scope="module")
-def refused(tmp_path_factory):
-    """Checkpoints MLX cannot hold: per-channel over 96 inputs, GPTQ act-order."""
-    from turboquant.calibration import CalibrationRecipe, build_calibration
-
-    root = tmp_path_factory.mktemp("refused")
-    wide = save_tiny_model(root / "wide", hidden=96, intermediate=192, layers=1, heads=4, kv_heads=2, vocab=512)
-    chan = quantize(wide, make_config("rtn", bits=4, group_size=-1), root / "chan", progress=False)
-    calib = build_calibration(CalibrationRecipe(sources=(str(CALIB / "tiny.txt"),), n_samples=2, seqlen=32), wide)
-    act = quantize(wide, make_config("gptq", bits=4, group_size=32, act_order=True), root / "act", calib=calib,
-                   progress=False)
-    return {"chan96": chan, "act_order": act}
 
 
 @pytest.mark.parametrize("key,options,needle", [

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CALIB
-from turboquant.checkpoint import METADATA_FILE, QuantizedCheckpoint
+from conftest import splice
+from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats import FormatError, export
 from turboquant.formats.onnx import (
     DATA_FILE, MODEL_FILE, ORT_CPU_BITS, ORT_FLOAT_ZERO_BITS, block_size, build_model, pack_module,
@@ -30,18 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Measured on the tiny model (|logits| <= ~0.7): max |logit diff| 2.4e-7 (float32 graph vs our float32 model).
 LOGIT_TOL = 1e-5
-
-
-def splice(base, other, out, layer: int):
-    """A mixed-precision checkpoint: ``base`` with decoder block ``layer`` (shard and metadata) taken from ``other``."""
-    shutil.copytree(base, out)
-    shard = sorted(p.name for p in other.glob("model-*.safetensors"))[layer]
-    shutil.copyfile(other / shard, out / shard)
-    meta, other_meta = (json.loads((d / METADATA_FILE).read_text()) for d in (out, other))
-    prefix = f"model.layers.{layer}."
-    meta["modules"].update({m: info for m, info in other_meta["modules"].items() if m.startswith(prefix)})
-    (out / METADATA_FILE).write_text(json.dumps(meta))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -233,20 +218,6 @@ def test_initializer_names_and_files(exported):
     names = {t.name for t in model.graph.initializer}
     assert "model.layers.0.self_attn.q_proj.qweight" in names and not any(n.startswith("model.model.") for n in names)
     assert all(not n.metadata_props for n in model.graph.node)  # no build paths or stack traces in the file
-
-
-@pytest.fixture(scope="module")
-def refused(tmp_path_factory):
-    """Checkpoints MatMulNBits cannot hold: per-channel over 96 / 192 inputs, GPTQ act-order."""
-    from turboquant.calibration import CalibrationRecipe, build_calibration
-
-    root = tmp_path_factory.mktemp("refused")
-    wide = save_tiny_model(root / "wide", hidden=96, intermediate=192, layers=1, heads=4, kv_heads=2, vocab=512)
-    chan = quantize(wide, make_config("rtn", bits=4, group_size=-1), root / "chan", progress=False)
-    calib = build_calibration(CalibrationRecipe(sources=(str(CALIB / "tiny.txt"),), n_samples=2, seqlen=32), wide)
-    act = quantize(wide, make_config("gptq", bits=4, group_size=32, act_order=True), root / "act", calib=calib,
-                   progress=False)
-    return {"chan96": chan, "act_order": act}
 
 
 @pytest.mark.parametrize("key,needle", [

@@ -148,7 +148,7 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     context = torch.empty(*h.shape[:2], attn_out.in_features)
     stats = stats_for(groups[1], attn_out.in_features)
     for b in batches:
-        context[b] = _input_before(attn, attn_out, attn_norm(h[b]), kwargs)
+        context[b] = input_before(attn, attn_out, attn_norm(h[b]), kwargs)
         stats[groups[1][0]].add(context[b])
     solve(groups[1], stats)
 
@@ -164,19 +164,19 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     act = torch.empty(*h.shape[:2], mlp_out.in_features) if keep else None
     stats = stats_for(groups[3], mlp_out.in_features)
     for b in batches:
-        m = _input_before(mlp, mlp_out, mlp_norm(h1[b]), {})
+        m = input_before(mlp, mlp_out, mlp_norm(h1[b]))
         stats[groups[3][0]].add(m)
         if act is not None:
             act[b] = m
     solve(groups[3], stats)
 
     for b in batches:
-        m = act[b] if act is not None else _input_before(mlp, mlp_out, mlp_norm(h1[b]), {})
+        m = act[b] if act is not None else input_before(mlp, mlp_out, mlp_norm(h1[b]))
         h1[b] += mlp_out(m)
     return h1
 
 
-def _input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
     """What ``module(x, **kwargs)`` feeds its final linear ``last`` (the forward stops there)."""
     seen: list[torch.Tensor] = []
 
@@ -186,7 +186,7 @@ def _input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: d
 
     handle = last.register_forward_pre_hook(hook)
     try:
-        module(x, **kwargs)
+        module(x, **(kwargs or {}))
     except _StopForward:
         pass
     finally:

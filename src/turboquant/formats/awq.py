@@ -20,7 +20,7 @@ import torch
 
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, ShardedWriter, has_act_order, has_fractional_zero, iter_shards, register_format, source_config,
+    FormatError, has_act_order, has_fractional_zero, register_format, write_packed_shards, source_config,
     uniform_scheme, write_json,
 )
 from turboquant.tensor import QuantizedTensor, QuantScheme
@@ -82,14 +82,7 @@ def quantization_config(scheme: QuantScheme) -> dict[str, Any]:
                  runtime="transformers + GPTQModel, vLLM, mlx-lm (AWQ import)", check=check)
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> None:
     scheme = uniform_scheme(ckpt, "awq")
-    writer = None
-    for shard in iter_shards(ckpt):
-        writer = writer or ShardedWriter(out, shard.total)
-        tensors = dict(shard.plain)
-        for module, qt in shard.quantized.items():
-            tensors.update({f"{module}.{k}": v for k, v in pack_module(qt).items()})
-        writer.write(shard.index, tensors)
-    writer.finish()
+    write_packed_shards(ckpt, out, pack_module)
     config = source_config(ckpt)
     config["quantization_config"] = quantization_config(scheme)
     write_json(out / "config.json", config)

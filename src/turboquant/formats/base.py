@@ -165,6 +165,21 @@ def iter_shards(ckpt: QuantizedCheckpoint) -> Iterator[Shard]:
         yield Shard(i, len(files), plain, {m: ckpt.quantized_tensor(m) for m in modules})
 
 
+def write_packed_shards(ckpt: QuantizedCheckpoint, out: Path,
+                        pack: Callable[[QuantizedTensor], dict[str, torch.Tensor]],
+                        plain: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict) -> None:
+    """Write the checkpoint shard by shard: each module's ``pack(qt)`` tensors (named ``module.key``) beside the
+    shard's ``plain(tensors)``, then the index — the loop every safetensors-based format shares."""
+    writer = None
+    for shard in iter_shards(ckpt):
+        writer = writer or ShardedWriter(out, shard.total)
+        tensors = plain(shard.plain)
+        for module, qt in shard.quantized.items():
+            tensors.update({f"{module}.{k}": v for k, v in pack(qt).items()})
+        writer.write(shard.index, tensors)
+    writer.finish()
+
+
 class ShardedWriter:
     """Writes ``model-XXXXX-of-YYYYY.safetensors`` shards and the standard index (a single shard: model.safetensors)."""
 
@@ -204,5 +219,5 @@ def source_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
     return config
 
 
-__all__ = ["FORMATS", "FormatError", "FormatSpec", "Shard", "ShardedWriter", "iter_shards", "MANIFEST_FILE", "METADATA_FILE", "carry_files", "export",
+__all__ = ["FORMATS", "FormatError", "FormatSpec", "Shard", "ShardedWriter", "iter_shards", "write_packed_shards", "MANIFEST_FILE", "METADATA_FILE", "carry_files", "export",
            "get_format", "has_act_order", "has_fractional_zero", "register_format", "schemes", "uniform_scheme"]

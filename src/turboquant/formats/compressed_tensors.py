@@ -23,7 +23,7 @@ import torch
 
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, ShardedWriter, has_fractional_zero, iter_shards, register_format, schemes, source_config,
+    FormatError, has_fractional_zero, register_format, write_packed_shards, schemes, source_config,
     write_json,
 )
 from turboquant.tensor import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme
@@ -124,14 +124,7 @@ def _float_linears(ckpt: QuantizedCheckpoint) -> list[str]:
                  runtime="vLLM, transformers + compressed-tensors", check=check)
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> None:
     scale_dtype = _scale_dtype(ckpt)
-    writer = None
-    for shard in iter_shards(ckpt):
-        writer = writer or ShardedWriter(out, shard.total)
-        tensors = dict(shard.plain)
-        for module, qt in shard.quantized.items():
-            tensors.update({f"{module}.{k}": v for k, v in pack_module(qt, scale_dtype).items()})
-        writer.write(shard.index, tensors)
-    writer.finish()
+    write_packed_shards(ckpt, out, lambda qt: pack_module(qt, scale_dtype))
     config = source_config(ckpt)
     config["quantization_config"] = quantization_config(ckpt, _float_linears(ckpt))
     write_json(out / "config.json", config)

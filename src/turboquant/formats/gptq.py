@@ -22,7 +22,7 @@ import torch
 
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, ShardedWriter, has_fractional_zero, iter_shards, register_format, source_config, uniform_scheme,
+    FormatError, has_fractional_zero, register_format, write_packed_shards, source_config, uniform_scheme,
     write_json,
 )
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_words
@@ -99,14 +99,7 @@ def quantization_config(scheme: QuantScheme, ckpt: QuantizedCheckpoint, checkpoi
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> None:
     v1 = options["checkpoint_format"] == "gptq"
     scheme = uniform_scheme(ckpt, "gptq")
-    writer = None
-    for shard in iter_shards(ckpt):
-        writer = writer or ShardedWriter(out, shard.total)
-        tensors = dict(shard.plain)
-        for module, qt in shard.quantized.items():
-            tensors.update({f"{module}.{k}": v for k, v in pack_module(qt, v1).items()})
-        writer.write(shard.index, tensors)
-    writer.finish()
+    write_packed_shards(ckpt, out, lambda qt: pack_module(qt, v1))
     qcfg = quantization_config(scheme, ckpt, options["checkpoint_format"])
     config = source_config(ckpt)
     config["quantization_config"] = qcfg

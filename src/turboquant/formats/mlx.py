@@ -36,7 +36,7 @@ import torch
 
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, ShardedWriter, has_act_order, iter_shards, register_format, schemes, source_config, write_json,
+    FormatError, has_act_order, register_format, write_packed_shards, schemes, source_config, write_json,
 )
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_words
 
@@ -142,12 +142,5 @@ def cast_plain(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str
                  options={"dtype": "float16"})
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> None:
     dtype = DTYPES[options["dtype"]]
-    writer = None
-    for shard in iter_shards(ckpt):
-        writer = writer or ShardedWriter(out, shard.total)
-        tensors = cast_plain(shard.plain, dtype)
-        for module, qt in shard.quantized.items():
-            tensors.update({f"{module}.{k}": v for k, v in pack_module(qt, dtype).items()})
-        writer.write(shard.index, tensors)
-    writer.finish()
+    write_packed_shards(ckpt, out, lambda qt: pack_module(qt, dtype), plain=lambda t: cast_plain(t, dtype))
     write_json(out / "config.json", mlx_config(ckpt))

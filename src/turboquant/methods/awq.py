@@ -32,6 +32,7 @@ from torch import nn
 from turboquant.errors import ConfigError
 from turboquant.methods.base import WeightQuantConfig, check_type, register_method
 from turboquant.model import ArchSpec, BlockLayout, LinearGroup
+from turboquant.sequential import input_before
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, group_view, qparams_from_range, quantize_codes
 
 _BATCH_TOKENS = 8192  # tokens per block forward (bounds attention / MLP intermediates)
@@ -465,7 +466,7 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
         x2_moments.add(x2)
         search.take(x2)
         clip[g_mlp.linears[0]].take(x2)
-        act = _input_before(mlp, mlp_out, x2)
+        act = input_before(mlp, mlp_out, x2)
         act_moments.add(act)
         clip[g_down.linears[0]].take(act)
     del attn_ref
@@ -483,24 +484,6 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
             X = X / s
         inputs.update({name: X for name in group.linears if name in clip_names})
     return inputs
-
-
-def _input_before(module: nn.Module, last: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What ``module(x)`` feeds its final linear ``last`` (the forward stops there)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple) -> None:
-        seen.append(args[0])
-        raise _StopForward
-
-    handle = last.register_forward_pre_hook(hook)
-    try:
-        module(x)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def transform_block(block: nn.Module, arch: ArchSpec, hidden: torch.Tensor, layer_kwargs: dict, cfg: AwqConfig
