@@ -360,6 +360,15 @@ def demo(
     run_demo(out, model, text, max_tokens)
 
 
+# ---- Hub commands (fetch, publish) ----
+
+
+# ---- provenance commands (reproduce) ----
+
+
+# ---- dispatcher commands (recommend) ----
+
+
 def main() -> None:
     app()
 
