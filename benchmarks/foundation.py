@@ -1,4 +1,4 @@
-"""Engine-foundation benchmark: streaming memory and RTN throughput of ``turboquant.quantize``.
+"""Engine-foundation benchmark: streaming memory and RTN throughput of ``turboquant.quantize_checkpoint``.
 
 Run ``.venv/bin/python benchmarks/foundation.py [--quick]``. Prints a Markdown table and writes
 ``benchmarks/results/foundation.json`` (``foundation-quick.json`` with ``--quick``).
@@ -89,7 +89,7 @@ print(json.dumps({"maxrss_kib": _maxrss_kib()}))
 
 CHILD_FLOOR = _RSS_HELPERS + r"""
 import torch
-import turboquant.quantize, turboquant.methods
+import turboquant.quantize_checkpoint, turboquant.methods
 import safetensors.torch
 if json.loads(sys.argv[1]).get("transformers"):
     import transformers
@@ -101,13 +101,13 @@ print(json.dumps({"maxrss_kib": _maxrss_kib(), "status": _status(),
 # The measured run: nothing but imports, quantize(), getrusage.
 CHILD_QUANTIZE = _RSS_HELPERS + r"""
 import time
-import turboquant.quantize
+import turboquant.quantize_checkpoint
 from turboquant.methods import make_config
 args = json.loads(sys.argv[1])
 before = _status()
 cfg = make_config("rtn", **args["scheme"])
 t0 = time.perf_counter()
-turboquant.quantize.quantize(args["model"], cfg, args["out"], overwrite=True, progress=False)
+turboquant.quantize_checkpoint.quantize(args["model"], cfg, args["out"], overwrite=True, progress=False)
 elapsed = time.perf_counter() - t0
 print(json.dumps({"maxrss_kib": _maxrss_kib(), "before": before, "after": _status(), "seconds": elapsed,
                   "transformers_loaded": "transformers" in sys.modules}))
@@ -118,7 +118,7 @@ print(json.dumps({"maxrss_kib": _maxrss_kib(), "before": before, "after": _statu
 # /proc/self/clear_refs. A 1 ms sampler thread splits the (approximate) peak into anonymous and file-backed pages.
 CHILD_QUANTIZE_TRACE = _RSS_HELPERS + r"""
 import threading, time
-import turboquant.quantize as Q
+import turboquant.quantize_checkpoint as Q
 from turboquant.methods import make_config
 args = json.loads(sys.argv[1])
 state = {"phase": -1, "stop": False}
@@ -166,7 +166,7 @@ import turboquant  # first, as the CLI does: it sets the OpenMP wait policy befo
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-import turboquant.quantize as Q
+import turboquant.quantize_checkpoint as Q
 from turboquant.methods import make_config, get_method
 from turboquant.model import open_model, check_finite
 from turboquant.checkpoint import CheckpointWriter
@@ -433,7 +433,7 @@ def main() -> None:
         "rss": {
             "unit": "KiB (ru_maxrss of a fresh subprocess)",
             "floor_import_kib": floor_kib,
-            "floor_import_note": "torch + turboquant.quantize + turboquant.methods + safetensors (what the quantize "
+            "floor_import_note": "torch + turboquant.quantize_checkpoint + turboquant.methods + safetensors (what the quantize "
                                  "child imports; transformers is not imported by quantize)",
             "floor_with_transformers_kib": floor_tf_kib,
             "floor_runs": floor, "floor_with_transformers_runs": floor_tf,
@@ -508,7 +508,7 @@ def render(r: dict, small_l: int, big_l: int) -> str:
         "",
         "| memory | value |",
         "|---|---|",
-        f"| import floor (torch + turboquant.quantize) | {f(rs['floor_import_kib'])} "
+        f"| import floor (torch + turboquant.quantize_checkpoint) | {f(rs['floor_import_kib'])} "
         f"(anon {f(rs['floor_runs'][0]['status']['RssAnon'])} / file-backed "
         f"{f(rs['floor_runs'][0]['status']['RssFile'])}) |",
         f"| import floor + transformers | {f(rs['floor_with_transformers_kib'])} |",

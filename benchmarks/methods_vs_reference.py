@@ -185,7 +185,7 @@ def matrix_work(calib, batch_size: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def run_ours(name: str, config, calib, batch_size: int) -> dict:
-    from turboquant.quantize import quantize
+    from turboquant.quantize_checkpoint import quantize
 
     out = WORK / "out" / name
     t0 = time.perf_counter()
@@ -236,7 +236,7 @@ def gptq_breakdown(config, calib, batch_size: int) -> dict:
     """Where our GPTQ's time goes: the same quantize call with timers wrapped around its phases (a separate run;
     the timed rows above run unwrapped). Each phase counts its own time only: time spent in another timed phase
     called from inside it (XᵀX accumulation and the solver inside the staged block run) is counted there."""
-    import turboquant.quantize as tq_quantize
+    import turboquant.quantize_checkpoint as tq_quantize
     from turboquant import sequential
     from turboquant.checkpoint import CheckpointWriter
     from turboquant.methods import gptq

@@ -9,7 +9,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from turboquant.calibration import CalibrationSet
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 
 
 @task(name="quantize", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)

@@ -83,7 +83,7 @@ def refused(tmp_path_factory):
     """Checkpoints grouped formats (MLX, ONNX) cannot hold: per-channel over 96 / 192 inputs, GPTQ act-order."""
     from turboquant.calibration import CalibrationRecipe, build_calibration
     from turboquant.methods import make_config
-    from turboquant.quantize import quantize
+    from turboquant.quantize_checkpoint import quantize
 
     root = tmp_path_factory.mktemp("refused")
     wide = save_tiny_model(root / "wide", hidden=96, intermediate=192, layers=1, heads=4, kv_heads=2, vocab=512)

@@ -102,7 +102,7 @@ def test_saved_baseline_topk_kl_matches_the_exact_kl(tmp_path):
     from conftest import HELDOUT, REF_MODEL
     from turboquant.evaluate import BaselineLogits, evaluate_many, load_model, load_tokenizer, read_text, tokenize
     from turboquant.methods import make_config
-    from turboquant.quantize import quantize
+    from turboquant.quantize_checkpoint import quantize
 
     ids = tokenize(load_tokenizer(REF_MODEL), read_text(HELDOUT))[:4096]
     base = load_model(REF_MODEL)

@@ -23,7 +23,7 @@ from turboquant.formats.gguf import read_state_dict, tensor_types
 from turboquant.imatrix import compute_imatrix, read_imatrix, write_imatrix
 from turboquant.methods import make_config
 from turboquant.model import build_skeleton, materialize
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 
 from conftest import CALIB, HELDOUT, REF_MODEL, WIKITEXT
 

@@ -14,7 +14,7 @@ from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats import FormatError, export
 from turboquant.formats.mlx import MLX_BITS, MLX_GROUP_SIZES
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 from turboquant.tensor import pack_words
 from turboquant.tiny import save_tiny_model
 

@@ -15,7 +15,7 @@ from turboquant.formats.onnx import (
 )
 from turboquant.fsutil import sha256_file
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 from turboquant.tensor import QuantizedTensor, QuantScheme
 from turboquant.tiny import save_tiny_model
 

@@ -18,7 +18,7 @@ from conftest import HELDOUT, REF_MODEL
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats import export
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 pytestmark = pytest.mark.slow

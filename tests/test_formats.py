@@ -15,7 +15,7 @@ from turboquant.cli import app
 from turboquant.formats import FormatError, export
 from turboquant.fsutil import sha256_file
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

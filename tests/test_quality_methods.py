@@ -9,7 +9,7 @@ import pytest
 from turboquant.calibration import CalibrationRecipe, build_calibration
 from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 
 from conftest import CALIB
 

@@ -4,7 +4,7 @@ import pytest
 
 from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from turboquant.calibration import CalibrationRecipe, CalibrationSet
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.methods import make_config
 from turboquant.model import open_model
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 from turboquant.sequential import BlockRunner, run_staged
 from turboquant.tiny import save_tiny_model
 

@@ -13,7 +13,7 @@ from conftest import HELDOUT, REF_MODEL
 from turboquant.cli import app
 from turboquant.formats import export
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 from turboquant.validate import validate
 
 pytestmark = pytest.mark.slow

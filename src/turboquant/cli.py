@@ -129,7 +129,7 @@ def quantize(
     """Quantize MODEL with one method and scheme into a canonical checkpoint that every exporter reads."""
     from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration
     from turboquant.model import open_model
-    from turboquant.quantize import quantize as run_quantize
+    from turboquant.quantize_checkpoint import quantize as run_quantize
 
     cfg = build_config(method, bits, group_size, sym, option)
     if calib and data:

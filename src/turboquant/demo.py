@@ -11,7 +11,7 @@ import typer
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
-from turboquant.quantize import quantize
+from turboquant.quantize_checkpoint import quantize
 from turboquant.tiny import save_tiny_model
 
 SHARED = Path("../shared")
