@@ -92,3 +92,23 @@ def refused(tmp_path_factory):
     act = quantize(wide, make_config("gptq", bits=4, group_size=32, act_order=True), root / "act", calib=calib,
                    progress=False)
     return {"chan96": chan, "act_order": act}
+
+
+#: The write token the local Hub test server accepts (distinctive, so tests can grep outputs for it).
+HUB_TOKEN = "hf_tqTestToken0123456789abcdefXYZ"
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A local Hub-compatible server on 127.0.0.1 (tests/hub_server.py). HF_ENDPOINT and HF_TOKEN point at it,
+    HF_HOME is a private temporary directory (no user cache or login is read or written), Xet is off, and
+    turboquant's Hub retries use tiny delays."""
+    from hub_server import HubServer, configure_client
+
+    import turboquant.hub as hub
+
+    server = HubServer(token=HUB_TOKEN).start()
+    configure_client(monkeypatch, server, tmp_path / "hf-home", HUB_TOKEN)
+    monkeypatch.setattr(hub, "DEFAULT_RETRY", hub.RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05))
+    yield server
+    server.stop()

@@ -29,3 +29,7 @@ class DataError(TurboQuantError):
 
 class OutputError(TurboQuantError):
     """An output location that cannot be written."""
+
+
+class PublishError(TurboQuantError):
+    """An artifact that may not be published (not approved, changed since export) or a Hub that refused it."""
