@@ -1,7 +1,12 @@
 """``manifest.json``: what an artifact is, where it came from and the sha256 of every file in it.
 
 Written last into every exported artifact (and checked by publish / reproduce), so that a file changed after
-export is caught by name.
+export is caught by name. Besides the files it records everything ``turboquant reproduce`` needs to rebuild the
+artifact and to judge whether the rebuild can be byte-identical: the source model (Hub repo + commit sha, or a
+local directory's content hash), the calibration recipe and the DVC md5 of the calibration file, the method
+config and scheme, the format and its options, the seed, TurboQuant's version and git commit, the versions of the
+libraries that shape the bytes, and the machine kind. Paths are relative to the working directory where they can
+be, and nothing secret (tokens) is ever read into it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from turboquant.errors import ModelLoadError
 from turboquant.fsutil import sha256_file
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def file_hashes(root: Path) -> dict[str, dict[str, Any]]:
@@ -35,26 +40,50 @@ def _plain(v: Any) -> Any:
     return str(v) if isinstance(v, Path) else v
 
 
+def calibration_record(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The checkpoint's calibration provenance with ``dvc_md5`` (the calibration file's md5, as DVC records it)
+    always present: set when the set was loaded with ``provenance.load_calibration``, else None."""
+    if not calibration:
+        return calibration
+    return {**calibration, "dvc_md5": calibration.get("file_md5")}
+
+
 def build_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any],
                    details: dict[str, Any] | None = None) -> dict[str, Any]:
+    from turboquant.provenance import code_version, library_versions, machine, source_record
+
     meta = ckpt.meta
     schemes = sorted({json.dumps(info["scheme"], sort_keys=True) for info in ckpt.modules.values()})
+    calibration = calibration_record(meta.get("calibration"))
     return {
         "manifest_version": MANIFEST_VERSION,
         "format": fmt,
         "format_options": {k: _plain(v) for k, v in sorted(options.items())},
         "format_details": {k: _plain(v) for k, v in sorted((details or {}).items())},
-        "source": meta.get("source"),
+        "source": source_record(meta.get("source")),
         "method": meta.get("method"),
         "method_config": meta.get("config"),
+        "scheme": meta.get("scheme"),
         "schemes": [json.loads(s) for s in schemes],
-        "calibration": meta.get("calibration"),
+        "mixed_precision": _mixed_summary(meta.get("mixed_precision")),
+        "calibration": calibration,
+        "seed": ((calibration or {}).get("recipe") or {}).get("seed"),
         "quantized_checkpoint": {"turboquant_version": meta.get("turboquant_version"),
                                  "torch_version": meta.get("torch_version")},
         "turboquant_version": turboquant.__version__,
         "torch_version": torch.__version__,
+        "code": code_version(),
+        "libraries": library_versions(),
+        "machine": machine(),
         "files": file_hashes(root),
     }
+
+
+def _mixed_summary(mixed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The per-layer allocation's outcome (achieved bits per weight, layers per width), not its sensitivity table."""
+    if not mixed:
+        return None
+    return {k: mixed[k] for k in ("target_bpw", "bits_per_weight", "layers_per_bits") if k in mixed}
 
 
 def write_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dict[str, Any],
