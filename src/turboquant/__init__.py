@@ -19,3 +19,17 @@ if _sys.platform.startswith("linux"):
         pass  # not glibc
 
 __version__ = "0.1.0"
+
+__all__ = ["list_methods", "methods", "quantize"]
+
+
+def __getattr__(name: str):
+    """``turboquant.quantize`` / ``turboquant.list_methods`` (from ``turboquant.api``) and the callable
+    ``turboquant.methods`` package, imported on first use so that ``import turboquant`` stays light."""
+    import importlib
+
+    if name in ("quantize", "list_methods"):
+        return getattr(importlib.import_module("turboquant.api"), name)
+    if name == "methods":
+        return importlib.import_module("turboquant.methods")
+    raise AttributeError(f"module 'turboquant' has no attribute {name!r}")

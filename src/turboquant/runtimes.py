@@ -32,14 +32,17 @@ def register_runtime(fmt: str, name: str) -> Callable[[Opener], Opener]:
 
 
 def artifact_format(path: Path) -> str:
-    """``gguf``, ``gptq``, … from the artifact's manifest; ``canonical`` or ``hf`` for the other directories."""
+    """``gguf``, ``gptq``, … from the artifact's manifest; ``canonical``, ``bitsandbytes`` (a transformers
+    checkpoint whose config names that quant_method) or ``hf`` for the other directories."""
     path = Path(path)
     if (path / MANIFEST_FILE).is_file():
         return json.loads((path / MANIFEST_FILE).read_text())["format"]
     if (path / METADATA_FILE).is_file():
         return "canonical"
     if (path / "config.json").is_file():
-        return "hf"
+        from turboquant.methods.bnb import artifact_quantization
+
+        return "bitsandbytes" if artifact_quantization(path) is not None else "hf"
     raise ModelLoadError(f"{path} is neither an exported artifact, a quantized checkpoint nor a model directory",
                          "pass a directory written by `turboquant export` or `turboquant quantize`")
 
@@ -70,6 +73,28 @@ def _transformers(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
+    if _has_dynamic_overrides(path):
+        # Per-module bits (mixed precision) live in quantization_config.dynamic, which GPTQModel honours and
+        # transformers' optimum path does not: load it the way its users do.
+        from gptqmodel import BACKEND, GPTQModel
+
+        return GPTQModel.load(str(path), device="cpu", backend=BACKEND.TORCH).model.float().eval()
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+
+
+def _has_dynamic_overrides(path: Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    return bool((json.loads(config.read_text()).get("quantization_config") or {}).get("dynamic"))
+
+
+@register_runtime("bitsandbytes", "transformers + bitsandbytes")
+def _bitsandbytes(path: Path) -> torch.nn.Module:
+    """A bitsandbytes checkpoint (``turboquant quantize --method bnb-*``): its config.json's quantization_config
+    makes transformers rebuild the Linear8bitLt / Linear4bit layers; they run on CPU."""
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
 
 

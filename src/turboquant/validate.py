@@ -44,7 +44,16 @@ def parameter_count(model_dir: Path) -> int:
 
 
 def artifact_bits(path: Path) -> float | None:
-    """The code width recorded in the artifact's manifest (widest scheme), or None for float artifacts."""
+    """The code width recorded in the artifact's manifest (widest scheme), or None for float artifacts.
+
+    A bitsandbytes checkpoint has no manifest: its quantized linears' stored bits per weight are measured (e.g.
+    ~4.13 for NF4 with double quant, absmax included), so the 4-bit gates apply to it.
+    """
+    from turboquant.methods.bnb import artifact_bits as bnb_bits
+
+    measured = bnb_bits(path)
+    if measured is not None:
+        return measured
     manifest = Path(path) / MANIFEST_FILE
     meta = Path(path) / "turboquant.json"
     source = manifest if manifest.is_file() else meta
@@ -58,6 +67,9 @@ def artifact_bits(path: Path) -> float | None:
 
         m = re.match(r"[QI]Q?(\d)", gguf_type)
         return float(m.group(1)) if m else None
+    mixed = (data.get("mixed_precision") or (data.get("quantized_checkpoint") or {}).get("mixed_precision"))
+    if isinstance(mixed, dict) and mixed.get("bits_per_weight"):
+        return float(mixed["bits_per_weight"])  # per-layer widths: the gates follow the achieved average
     return max(bits) if bits else None
 
 
