@@ -73,3 +73,21 @@ def test_the_repository_params_yaml_is_a_valid_plan(monkeypatch):
     p = Plan.from_yaml(root / "params.yaml")
     results = p.check_formats(Path(p.models[0]["id"]))
     assert len(results) == 9 and all(err is None for _, _, err in results), [e for *_, e in results if e]
+
+
+def test_a_mixed_precision_plan_is_checked_against_every_candidate_width(tmp_path, tiny_model):
+    """Per-layer widths are chosen only after measuring, so every candidate width is planned on some layer: the
+    GPTQ layout (no 6-bit codes) and AWQ (one scheme per model) fail up front, compressed-tensors passes."""
+    plan = Plan.from_dict({
+        "models": [{"id": str(tiny_model)}],
+        "calibration": {"data": [str(CALIB / "tiny.txt")]},
+        "quantize": [{"method": "mixed", "options": {"base": "gptq", "target_bpw": 3.6, "group_size": 32},
+                      "formats": ["gptq", "awq", "compressed-tensors"]}],
+    })
+    verdicts = {label: err for _, label, err in plan.check_formats(tiny_model)}
+    assert "6-bit" in verdicts["gptq"].problem and "--candidate-bits 2,3,4,8" in verdicts["gptq"].fix
+    assert "mixes schemes" in verdicts["awq"].problem
+    assert verdicts["compressed-tensors"] is None
+    with pytest.raises(ConfigError, match="calibration.data is empty"):
+        Plan.from_dict({"models": [{"id": str(tiny_model)}],
+                        "quantize": [{"method": "mixed", "options": {"base": "rtn"}, "formats": ["mlx"]}]})

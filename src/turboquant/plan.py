@@ -24,7 +24,7 @@ MODEL_KEYS = {"id", "revision"}
 CALIB_KEYS = {"data", "n_samples", "seqlen", "seed"}
 EVAL_KEYS = {"text", "ctx", "max_tokens", "tasks", "task_limit"}
 QUANT_KEYS = {"name", "method", "options", "formats"}
-PUBLISH_KEYS = {"enabled", "namespace", "private"}
+PUBLISH_KEYS = {"enabled", "namespace", "private", "naming", "token_secret"}
 
 
 def _keys(section: str, data: Any, allowed: set[str]) -> dict[str, Any]:
@@ -89,6 +89,9 @@ class Plan:
         calibration = _keys("calibration", data.get("calibration") or {}, CALIB_KEYS)
         evaluation = _keys("evaluation", data.get("evaluation") or {}, EVAL_KEYS)
         publish = _keys("publish", data.get("publish") or {}, PUBLISH_KEYS)
+        if publish.get("enabled") and not isinstance(publish.get("namespace"), str):
+            raise ConfigError("publish is enabled but publish.namespace is not set",
+                              "set publish.namespace to your Hub user or organisation (or enabled: false)")
         quants = data.get("quantize") or []
         if not isinstance(quants, list) or not quants:
             raise ConfigError("params 'quantize' is empty", "list at least one method with its scheme and formats")
@@ -97,8 +100,10 @@ class Plan:
         if len(set(names)) != len(names):
             raise ConfigError(f"quantization names repeat ({', '.join(sorted(set(n for n in names if names.count(n) > 1)))})",
                               "give every quantize entry a unique name")
-        if any(q.config.method in ("gptq", "awq") for q in parsed) and not calibration.get("data"):
-            raise ConfigError("a calibrated method (gptq / awq) is planned but calibration.data is empty",
+        from turboquant.methods import get_method
+
+        if any(get_method(q.config.method).needs_calibration for q in parsed) and not calibration.get("data"):
+            raise ConfigError("a calibrated method (gptq / awq / mixed) is planned but calibration.data is empty",
                               "list calibration files under calibration.data")
         gates = data.get("gates") or {}
         from turboquant.gates import Gates
@@ -170,6 +175,8 @@ class PlannedCheckpoint:
 
         opened = open_model(model_dir)
         modules: dict[str, dict[str, Any]] = {}
+        if config.method == "mixed":
+            return cls._build_mixed(opened, config)
         if isinstance(config, WeightQuantConfig):
             act_order = bool(getattr(config, "act_order", False)) and not getattr(config, "static_groups", False) \
                 and config.scheme.group_size > 0
@@ -181,6 +188,24 @@ class PlannedCheckpoint:
                     modules[name] = {"shape": list(info.shape), "dtype": _dtype(info.dtype),
                                      "scheme": config.scheme.to_dict(), "act_order": act_order,
                                      "fractional_zero": fractional}
+        meta = {"method": config.method, "config": config.to_dict(), "source": opened.source.describe()}
+        return cls(Path(opened.source.path), config.method, meta, modules, opened.checkpoint)
+
+    @classmethod
+    def _build_mixed(cls, opened, config) -> "PlannedCheckpoint":
+        """Per-layer widths are chosen only once sensitivities are measured: every candidate width is planned on
+        some layer (round-robin), so a format that cannot hold one of them fails now, not after quantizing."""
+        from turboquant.tensor import QuantScheme
+
+        act_order = bool(config.base_options.get("act_order")) and not config.base_options.get("static_groups")
+        modules: dict[str, dict[str, Any]] = {}
+        names = [f"{opened.arch.block_prefix(i)}{linear}" for i in range(opened.n_layers) for linear in opened.arch.linears]
+        for k, name in enumerate(names):
+            bits = config.plan.get(name) or config.candidate_bits[k % len(config.candidate_bits)]
+            info = opened.checkpoint.tensors[f"{name}.weight"]
+            modules[name] = {"shape": list(info.shape), "dtype": _dtype(info.dtype),
+                             "scheme": QuantScheme(bits, config.group_size, config.symmetric).to_dict(),
+                             "act_order": act_order and config.group_size > 0, "fractional_zero": False}
         meta = {"method": config.method, "config": config.to_dict(), "source": opened.source.describe()}
         return cls(Path(opened.source.path), config.method, meta, modules, opened.checkpoint)
 

@@ -7,6 +7,8 @@ peak memory is one block's weights (plus the activations) whatever the depth of 
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,9 +20,12 @@ from turboquant.errors import ConfigError
 from turboquant.fsutil import atomic_output_dir
 from turboquant.methods import MethodConfig, get_method
 from turboquant.methods.base import WeightQuantConfig
+from turboquant.methods.mixed import MixedPrecisionConfig, base_method, module_config
 from turboquant.model import OpenedModel, check_finite, open_model
 from turboquant.sequential import BlockRunner, InputStats, run_staged
-from turboquant.tensor import QuantizedTensor
+from turboquant.tensor import QuantizedTensor, QuantScheme
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from turboquant.calibration import CalibrationSet
@@ -45,10 +50,11 @@ def quantize(
     instead of those of the already-quantized blocks before it.
     """
     spec = get_method(config.method)
-    if spec.needs_calibration and calib is None:
+    mixed = isinstance(config, MixedPrecisionConfig)
+    if spec.needs_calibration and calib is None and not (mixed and config.plan and config.base == "rtn"):
         raise ConfigError(f"method '{spec.name}' needs calibration data", "pass --calib FILE or --data FILE")
     opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
-    if isinstance(config, WeightQuantConfig):
+    if isinstance(config, (WeightQuantConfig, MixedPrecisionConfig)):
         _check_scheme_fits(opened, config)
     if calib is not None:
         from turboquant.calibration import check_vocab
@@ -57,10 +63,15 @@ def quantize(
     out = Path(out)
     n_shards = opened.n_layers + 1
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        sensitivity = None
+        if mixed:  # measure and allocate first: the budget is shared by every layer of the model
+            from turboquant import mixed as mixed_precision
+
+            config, sensitivity = mixed_precision.resolve(opened, config, calib, batch_size, progress)
         writer = CheckpointWriter(tmp, n_shards)
-        bar = tqdm(total=n_shards, desc=f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}",
-                   unit="block", disable=not progress, leave=False)
-        if spec.needs_calibration:
+        bar = _BlockProgress(tqdm(total=n_shards, desc=f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}",
+                                  unit="block", disable=not progress, leave=False), spec.name, out.name)
+        if get_method(base_method(config)).needs_calibration:
             _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update)
         else:
             for i in range(opened.n_layers):
@@ -75,10 +86,32 @@ def quantize(
         bar.update()
         bar.close()
         meta = _metadata(opened, config)
+        if mixed:
+            shapes = {m: info["shape"] for m, info in writer.modules.items()}
+            meta["mixed_precision"] = mixed_precision.summary(config, shapes, sensitivity)
         if calib is not None:
             meta["calibration"] = {"recipe": calib.recipe.to_dict(), **calib.provenance, "sequential": sequential}
         writer.finish(meta, opened.aux_files(), _config_updates(opened, config))
     return out
+
+
+class _BlockProgress:
+    """The tqdm bar plus one ``turboquant`` log line per finished block (Prefect shows them in the task's logs)."""
+
+    def __init__(self, bar: Any, method: str, name: str) -> None:
+        self.bar, self.method, self.name, self.done = bar, method, name, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        logger.info("%s %s: shard %d/%d done in %.1f s (%.1f s total)", self.method, self.name, self.done,
+                    self.bar.total, now - self.last, now - self.start)
+        self.last = now
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 #: Quantizes one loaded block in place; returns its quantized tensors and, when it computed it on the way, the
@@ -97,7 +130,7 @@ def _quantize_calibrated(
     tick: Callable[[], Any],
 ) -> None:
     """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs."""
-    procedure = BLOCK_PROCEDURES[config.method]
+    procedure = BLOCK_PROCEDURES[base_method(config)]
     runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
     for i in range(opened.n_layers):
         block = runner.load_block(i)
@@ -144,11 +177,11 @@ def _gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel
     def solve(names: list[str], stats: dict[str, InputStats]) -> None:
         for name in names:
             W = block.get_submodule(name).weight.data
-            out[name] = gptq.quantize_weight(W, stats[name].H, config, name=prefix + name)
+            out[name] = gptq.quantize_weight(W, stats[name].H, module_config(config, prefix + name), name=prefix + name)
             _set_weight(block, name, out[name])
 
     groups = [list(g.linears) for g in opened.arch.groups]
-    if not config.true_sequential:
+    if not module_config(config, prefix + groups[0][0]).true_sequential:
         solve([name for g in groups for name in g], runner.capture(block, [name for g in groups for name in g]))
         return out, None
     if opened.arch.layout is not None:
@@ -175,19 +208,26 @@ def _awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel,
 BLOCK_PROCEDURES: dict[str, BlockProcedure] = {"gptq": _gptq_block, "awq": _awq_block}
 
 
-def _check_scheme_fits(opened: OpenedModel, config: WeightQuantConfig) -> None:
+def _check_scheme_fits(opened: OpenedModel, config: WeightQuantConfig | MixedPrecisionConfig) -> None:
     """Fail before any work when the scheme cannot cover a linear (e.g. a group size not dividing in_features)."""
     for i in range(opened.n_layers):
         for linear in opened.arch.linears:
             name = f"{opened.arch.block_prefix(i)}{linear}.weight"
-            config.scheme.check_shape(opened.checkpoint.tensors[name].shape, name)
+            for scheme in _schemes(config):
+                scheme.check_shape(opened.checkpoint.tensors[name].shape, name)
+
+
+def _schemes(config: WeightQuantConfig | MixedPrecisionConfig) -> list[QuantScheme]:
+    if isinstance(config, WeightQuantConfig):
+        return [config.scheme]
+    return [config.scheme_at(b) for b in config.candidate_bits]
 
 
 def _process_block(
     opened: OpenedModel, index: int, tensors: dict[str, torch.Tensor], config: MethodConfig, writer: CheckpointWriter
 ) -> dict[str, torch.Tensor]:
     check_finite(tensors)
-    spec = get_method(config.method)
+    spec = get_method(base_method(config))
     if spec.kind == "cast":
         return _process_plain(tensors, config)
     prefix = opened.arch.block_prefix(index)
@@ -196,7 +236,7 @@ def _process_block(
     for name, t in tensors.items():
         if name in targets:
             module = name.removesuffix(".weight")
-            out.update(writer.add_quantized(module, spec.solver(t, config)))
+            out.update(writer.add_quantized(module, spec.solver(t, module_config(config, module))))
         else:
             out[name] = t
     return out

@@ -132,7 +132,8 @@ def uniform_scheme(ckpt: QuantizedCheckpoint, fmt: str) -> QuantScheme:
     if len(found) > 1:
         listed = ", ".join(sorted(s.describe() for s in found))
         raise FormatError(f"{ckpt.path} mixes schemes ({listed}) and format {fmt} holds one per model",
-                          "export it to gguf or compressed-tensors, which hold a scheme per tensor")
+                          "export it to gptq, compressed-tensors, mlx, onnx or gguf (a scheme per layer), "
+                          "or re-quantize without --target-bpw")
     return found.pop()
 
 

@@ -166,8 +166,15 @@ def resolve_target(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> Target
             fix = ("use a K-quant such as --gguf-type Q4_K_M --option calib=CALIB (re-quantized by llama.cpp from "
                    "the dequantized weights) or F16, or re-quantize with --group-size 32 and 4, 5 or 8 bits "
                    "(--sym for Q4_0/Q5_0/Q8_0)")
+        if requested and len(set(fits.values())) > 1 and None not in fits.values():
+            fix = "drop --gguf-type (auto): each tensor of this mixed-precision checkpoint keeps its own native type"
+        elif len({ckpt.scheme(m) for m in ckpt.modules}) > 1 and not fit and not expandable:
+            fix = ("mixed precision maps onto GGUF's per-tensor types only with widths 4, 5 and 8: re-quantize with "
+                   "--candidate-bits 4,5,8 --group-size 32 --sym (Q4_0 / Q5_0 / Q8_0 per tensor), or " + fix[:1].lower()
+                   + fix[1:].split(", or re-quantize")[0])
         raise FormatError(problem, fix)
     types = {m: str(t) for m, t in fits.items()}
+    # the file type of a per-tensor mix is its dominant type (llama.cpp's convention for mixed files)
     name = requested or Counter(types.values()).most_common(1)[0][0]
     return Target(name, "pack", types)
 

@@ -11,10 +11,18 @@ Per quantized linear ``M`` ``[out, in]`` with ``G`` groups:
 The weight is ``(code - zero) * scale`` exactly as in the canonical checkpoint: codes, zeros and scales are
 copied, never re-rounded. Other tensors keep their names and dtypes. config.json gains ``quantization_config``
 and ``quantize_config.json`` is written beside it (older loaders read that one).
+
+Mixed precision (a scheme per module): ``bits`` / ``group_size`` / ``sym`` are the most common scheme's, and every
+module with another scheme gets a GPTQModel ``dynamic`` override keyed by its exact name,
+``{"+:^model\\.layers\\.0\\.mlp\\.down_proj$": {"bits": 8, "group_size": 128, "sym": true}}``, which GPTQModel's
+loader (``GPTQModel.load``) and vLLM apply per layer. transformers' own GPTQ path (through optimum) ignores
+``dynamic`` and cannot load such a checkpoint.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +30,7 @@ import torch
 
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, has_fractional_zero, register_format, write_packed_shards, source_config, uniform_scheme,
-    write_json,
+    FormatError, has_fractional_zero, register_format, schemes, write_packed_shards, source_config, write_json,
 )
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_words
 
@@ -32,8 +39,17 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
-    scheme = uniform_scheme(ckpt, "gptq")
-    if scheme.bits not in GPTQ_BITS:
+    found = schemes(ckpt)
+    if not found:
+        raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",
+                          "quantize with a weight method (rtn, gptq, awq, hqq) before exporting to gptq")
+    for scheme in sorted(found, key=lambda s: s.bits):
+        if scheme.bits in GPTQ_BITS:
+            continue
+        if len(found) > 1:
+            raise FormatError(f"the GPTQ layout holds {', '.join(map(str, GPTQ_BITS))}-bit codes and this "
+                              f"mixed-precision checkpoint has {scheme.bits}-bit layers",
+                              "re-quantize with --candidate-bits 2,3,4,8, or export to mlx / compressed-tensors")
         raise FormatError(f"the GPTQ layout holds {', '.join(map(str, GPTQ_BITS))}-bit codes, not {scheme.bits}-bit",
                           "re-quantize with --bits 4 (or 2, 3, 8), or export to gguf / mlx")
     if has_fractional_zero(ckpt):
@@ -44,12 +60,13 @@ def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
         raise FormatError(f"checkpoint_format={fmt!r} is not a GPTQ layout", f"use one of {CHECKPOINT_FORMATS}")
     for module, info in ckpt.modules.items():
         out_f, in_f = info["shape"]
+        bits = ckpt.scheme(module).bits
         for what, n in (("input", in_f), ("output", out_f)):
-            if (n * scheme.bits) % 32:
-                raise FormatError(f"{module} has {n} {what} features, which {scheme.bits}-bit codes do not pack "
+            if (n * bits) % 32:
+                raise FormatError(f"{module} has {n} {what} features, which {bits}-bit codes do not pack "
                                   "into whole 32-bit words", "export to gguf or mlx, or use 4-bit codes")
-    if fmt == "gptq" and not scheme.symmetric and not getattr(ckpt, "planned", False):  # needs the codes
-        for module in ckpt.modules:
+    if fmt == "gptq" and not getattr(ckpt, "planned", False):  # needs the codes
+        for module in (m for m in ckpt.modules if not ckpt.scheme(m).symmetric):
             zero = ckpt.tensors.load([f"{module}.qzero"])[f"{module}.qzero"]
             if bool((zero == 0).any()):
                 raise FormatError(
@@ -73,16 +90,34 @@ def pack_module(qt: QuantizedTensor, v1: bool) -> dict[str, torch.Tensor]:
     }
 
 
+def main_scheme(ckpt: QuantizedCheckpoint) -> QuantScheme:
+    """The scheme most modules use (ties: the narrowest): the config's top-level scheme."""
+    counts = Counter(ckpt.scheme(m) for m in ckpt.modules)
+    return max(sorted(counts, key=lambda s: (s.bits, s.group_size, s.symmetric)), key=lambda s: counts[s])
+
+
+def _scheme_keys(scheme: QuantScheme) -> dict[str, Any]:
+    return {"bits": scheme.bits, "group_size": scheme.group_size if scheme.group_size > 0 else -1,
+            "sym": scheme.symmetric}
+
+
+def dynamic_overrides(ckpt: QuantizedCheckpoint, main: QuantScheme) -> dict[str, dict[str, Any]]:
+    """GPTQModel ``dynamic`` entries (exact-name patterns) for the modules whose scheme is not ``main``."""
+    return {f"+:^{re.escape(m)}$": _scheme_keys(ckpt.scheme(m))
+            for m in sorted(ckpt.modules) if ckpt.scheme(m) != main}
+
+
 def quantization_config(scheme: QuantScheme, ckpt: QuantizedCheckpoint, checkpoint_format: str) -> dict[str, Any]:
     meta_cfg = ckpt.meta.get("config", {})
+    meta_cfg = {**meta_cfg, **meta_cfg.get("base_options", {})}  # mixed precision: the base method's options
     act_order = any(info.get("act_order") for info in ckpt.modules.values())
+    dynamic = dynamic_overrides(ckpt, scheme)
     return {
         "quant_method": "gptq",
         "checkpoint_format": checkpoint_format,
-        "bits": scheme.bits,
-        "group_size": scheme.group_size if scheme.group_size > 0 else -1,
+        **_scheme_keys(scheme),
         "desc_act": act_order,
-        "sym": scheme.symmetric,
+        **({"dynamic": dynamic} if dynamic else {}),
         "static_groups": bool(meta_cfg.get("static_groups", False)),
         "true_sequential": bool(meta_cfg.get("true_sequential", True)),
         "damp_percent": meta_cfg.get("damp_percent", 0.01),
@@ -98,7 +133,7 @@ def quantization_config(scheme: QuantScheme, ckpt: QuantizedCheckpoint, checkpoi
                  options={"checkpoint_format": "gptq"})
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> None:
     v1 = options["checkpoint_format"] == "gptq"
-    scheme = uniform_scheme(ckpt, "gptq")
+    scheme = main_scheme(ckpt)
     write_packed_shards(ckpt, out, lambda qt: pack_module(qt, v1))
     qcfg = quantization_config(scheme, ckpt, options["checkpoint_format"])
     config = source_config(ckpt)

@@ -65,6 +65,12 @@ def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
         raise FormatError("the checkpoint uses act-order groups (g_idx); MatMulNBits' g_idx input is deprecated "
                           "and not written here",
                           "export it to gptq, or re-quantize GPTQ with --option static_groups=true")
+    found = schemes(ckpt)
+    odd = sorted({s.bits for s in found} - set(ORT_CPU_BITS))
+    if len(found) > 1 and odd:
+        raise FormatError(f"this mixed-precision checkpoint has {', '.join(map(str, odd))}-bit layers; ONNX Runtime's "
+                          f"MatMulNBits CPU kernel runs {', '.join(map(str, ORT_CPU_BITS))}-bit",
+                          "re-quantize with --candidate-bits 2,4,8, or export to mlx / compressed-tensors")
     for module, info in ckpt.modules.items():
         check_module(module, ckpt.scheme(module), info["shape"][1], bool(info.get("fractional_zero")))
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]

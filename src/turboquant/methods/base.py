@@ -13,7 +13,9 @@ from typing import Any, Callable, ClassVar, Literal
 from turboquant.errors import ConfigError
 from turboquant.tensor import QuantScheme
 
-MethodKind = Literal["cast", "weight"]
+#: cast: a dtype cast of every tensor; weight: a weight-only solver producing QuantizedTensors (both go through
+#: the checkpoint quantizer); module: transforms a loaded ``nn.Module`` in memory (``turboquant.quantize``).
+MethodKind = Literal["cast", "weight", "module"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,11 @@ def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its config class, what it produces and needs, and its solver."""
+    """A registered method: its config class, what it produces and needs, and its solver.
+
+    ``checkpoint`` is False for methods the canonical checkpoint quantizer (CLI ``quantize``, the plan) cannot run:
+    they quantize a loaded module (int8) or write their own artifact (bitsandbytes).
+    """
 
     name: str
     config_cls: type[MethodConfig]
@@ -82,13 +88,19 @@ class MethodSpec:
     kind: MethodKind
     solver: Callable[..., Any]
     needs_calibration: bool = False
+    checkpoint: bool = True
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, config_cls: type[MethodConfig], description: str, kind: MethodKind, needs_calibration: bool = False
+    name: str,
+    config_cls: type[MethodConfig],
+    description: str,
+    kind: MethodKind,
+    needs_calibration: bool = False,
+    checkpoint: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator adding a solver to ``METHODS`` under ``name``."""
 
@@ -96,7 +108,7 @@ def register_method(
         if name in METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
         config_cls.method = name
-        METHODS[name] = MethodSpec(name, config_cls, description, kind, solver, needs_calibration)
+        METHODS[name] = MethodSpec(name, config_cls, description, kind, solver, needs_calibration, checkpoint)
         return solver
 
     return wrap
@@ -110,5 +122,18 @@ def get_method(name: str) -> MethodSpec:
 
 
 def make_config(method: str, **options: Any) -> MethodConfig:
-    """Build a validated config for ``method`` from keyword options."""
-    return get_method(method).config_cls.from_dict(options)
+    """Build a validated config for the canonical checkpoint quantizer (plan, CLI, tests) from keyword options.
+
+    Methods without a checkpoint path are refused here, so a plan naming one fails up front;
+    ``turboquant.quantize`` builds their configs with ``spec.config_cls.from_dict``.
+    """
+    spec = get_method(method)
+    if not spec.checkpoint:
+        raise ConfigError(
+            f"method '{method}' has no canonical checkpoint form ({spec.description})",
+            f"call turboquant.quantize(model, method='{method}') in Python"
+            + (f", or run `turboquant quantize MODEL --method {method} --out DIR`" if spec.kind == "module"
+               and method.startswith("bnb-") else "")
+            + f"; checkpoint methods: {sorted(n for n, s in METHODS.items() if s.checkpoint)}",
+        )
+    return spec.config_cls.from_dict(options)
