@@ -1,70 +1,138 @@
-"""One plan, one run: fetch → calibrate → baseline → quantize (each method × scheme in parallel) → export (each
-format) → validate (each artifact in its runtime, gated) → report.
+"""One plan, one run: fetch → calibrate → baseline → quantize (each method × scheme in parallel, on the pool that
+suits it) → per artifact, in one transaction: export → validate in its runtime → gate → publish → report →
+record the calibration set and the approved artifacts in DVC (when the run directory is inside a DVC repo).
 
 The plan is validated before any task runs (``turboquant.plan``), so an impossible combination never starts a
 quantization. Tasks pass paths; their results are cached by their inputs and source, so re-running an unchanged
-plan redoes nothing. Publishing approved artifacts joins this flow with the Hub issue.
+plan redoes nothing. An artifact whose gate fails (or whose publish fails) is rolled back: its directory is
+removed, its verdict stays in ``eval/`` and the report, and nothing else is affected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
+from prefect.context import get_run_context
 from prefect.futures import wait
+from prefect.transactions import transaction
 
 from tasks.artifacts import compute_baseline, export_artifact, report_run, validate_artifact
 from tasks.calibration import build_calibration_set
 from tasks.model import fetch_model
+from tasks.placement import quantize_on_pool
+from tasks.progress import STEP_HOOKS
+from tasks.provenance import track_outputs
+from tasks.publish import publish_artifact
 from tasks.quantization import quantize_checkpoint
 from turboquant.methods import get_method
+from turboquant.placement import place_method
 from turboquant.plan import Plan
+from turboquant.release import artifact_key, plan_digest, release_key
+
+
+class GateFailed(Exception):
+    """An artifact's validation did not pass its gates: its transaction rolls back."""
 
 
 @flow(name="quantize_model", log_prints=True)
-def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest") -> list[dict]:
+def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest", placement: str = "auto",
+                   models: list[dict] | None = None) -> list[dict]:
+    """Verdicts of every planned artifact. ``placement``: ``local`` (in-process), ``pools`` (each quantization
+    as a run of the ``quantize_method`` deployment on its pool), ``auto`` (pools when this run is a deployment's).
+    ``models`` replaces the plan's models (the nightly job passes the release it found)."""
     plan = Plan.from_yaml(params)
+    if models is not None:
+        plan = dataclasses.replace(plan, models=tuple(models))
     run = Path(run_dir).resolve()
-    evaluation = plan.evaluation
+    on_pools = placement == "pools" or (placement == "auto" and _is_deployment_run())
+    plan_sha = plan_digest(params)
     verdicts = []
     for m in plan.models:
         source = fetch_model(m["id"], m.get("revision"))
-        model_dir = source["path"]
+        model_dir, name = source["path"], _model_name(m["id"], source["path"])
         for q, label, err in plan.check_formats(Path(model_dir)):
             if err is not None:
                 raise err
-        name = Path(model_dir).name
+        out = run / name
         calib = None
         if any(get_method(q.config.method).needs_calibration for q in plan.quantize):
-            calib = build_calibration_set.submit(model_dir, plan.calibration, str(run / name / "calibration.safetensors"))
-        baseline = compute_baseline.submit(model_dir, evaluation["text"], evaluation.get("ctx", 512),
-                                           evaluation.get("max_tokens"), str(run / name / "baseline.safetensors"))
-        quantized = {
-            q.name: quantize_checkpoint.submit(model_dir, q.config.to_json(),
-                                               calib if get_method(q.config.method).needs_calibration else None,
-                                               str(run / name / "quantized" / q.name))
-            for q in plan.quantize
-        }
-        checks = {}
+            calib = build_calibration_set.submit(model_dir, plan.calibration, str(out / "calibration.safetensors"))
+        baseline = compute_baseline.submit(model_dir, plan.evaluation["text"], plan.evaluation.get("ctx", 512),
+                                           plan.evaluation.get("max_tokens"), str(out / "baseline.safetensors"))
+        quantized = {}
+        for q in plan.quantize:
+            args = (model_dir, q.config.to_json(), calib if get_method(q.config.method).needs_calibration else None,
+                    str(out / "quantized" / q.name))
+            quantized[q.name] = (quantize_on_pool.submit(place_method(q.config.method).deployment, *args)
+                                 if on_pools else quantize_checkpoint.submit(*args))
+        release = release_key(source["sha"], plan_sha)
+        shipped = {}
         for q in plan.quantize:
             for target in q.formats:
                 label = f"{q.name}-{target.label}"
-                art = export_artifact.submit(quantized[q.name], target.format, target.options,
-                                             str(run / name / "artifacts" / label))
-                checks[label] = validate_artifact.submit(art, model_dir, evaluation, plan.gates, baseline,
-                                                         str(run / name / "eval" / f"{label}.json"))
-        wait(list(checks.values()))
-        verdicts += [_verdict(run / name / "artifacts" / label, c) for label, c in checks.items()]
-        if any(v.get("validation") for v in verdicts):
-            report_run(str(run / name))
+                shipped[label] = ship_artifact.submit(
+                    quantized[q.name], target.format, target.options, model_dir, plan.evaluation, plan.gates,
+                    baseline, str(out / "artifacts" / label), str(out / "eval" / f"{label}.json"),
+                    _publish_target(plan.publish, name, target.format, q), artifact_key(release, label))
+        wait(list(shipped.values()))
+        model_verdicts = [_verdict(out / "artifacts" / label, f) for label, f in shipped.items()]
+        if any(v.get("validation") for v in model_verdicts):
+            report_run(str(out))
+        approved = [v["artifact"] for v in model_verdicts if v["passed"]]
+        track_outputs([calib.result()] + approved if calib else approved)
+        verdicts += model_verdicts
     for v in verdicts:
         print(f"{'PASS' if v['passed'] else 'FAIL'} {v['artifact']}" + (f": {'; '.join(v['reasons'])}" if v['reasons'] else ""))
     return verdicts
 
 
+@task(name="ship-artifact", **STEP_HOOKS)
+def ship_artifact(qdir: str, fmt: str, options: dict, model_dir: str, evaluation: dict, gates: dict, baseline: str,
+                  artifact: str, validation: str, publish_to: dict | None, key: str) -> dict:
+    """Export → validate → gate → publish of one artifact as one transaction: any failure rolls it back."""
+    verdict: dict = {"artifact": artifact, "passed": False, "reasons": []}
+    try:
+        with transaction() as txn:
+            txn.set("artifact", artifact)
+            path = export_artifact(qdir, fmt, options, artifact)
+            verdict = validate_artifact(path, model_dir, evaluation, gates, baseline, validation)
+            if not verdict["passed"]:
+                raise GateFailed("; ".join(verdict["reasons"]))
+            if publish_to:
+                verdict = {**verdict, "published": publish_artifact(path, validation, publish_to["repo_id"],
+                                                                    publish_to["private"], key,
+                                                                    publish_to.get("token_secret"))}
+    except GateFailed:
+        return {**verdict, "rolled_back": True}
+    return verdict
+
+
+def _publish_target(publish: dict, model_name: str, fmt: str, q) -> dict | None:
+    if not publish.get("enabled"):
+        return None
+    from turboquant.hub import repo_name_for
+
+    bits = getattr(getattr(q.config, "scheme", None), "bits", None)
+    return {"repo_id": repo_name_for(model_name, fmt, bits, publish["namespace"], publish.get("naming")),
+            "private": bool(publish.get("private", False)), "token_secret": publish.get("token_secret")}
+
+
+def _model_name(model_id: str, path: str) -> str:
+    return model_id.rstrip("/").split("/")[-1] if not Path(model_id).expanduser().is_dir() else Path(path).name
+
+
+def _is_deployment_run() -> bool:
+    try:
+        return get_run_context().flow_run.deployment_id is not None
+    except Exception:  # noqa: BLE001 - outside a flow run there is no deployment
+        return False
+
+
 def _verdict(artifact: Path, future) -> dict:
-    """The validation result, or — when its export or validation failed — a failed verdict saying why: one
-    artifact's failure blocks that artifact and nothing else."""
+    """The artifact's verdict, or — when its export, validation or publish failed — a failed verdict saying why:
+    one artifact's failure blocks that artifact and nothing else."""
     state = future.state
     if state.is_completed():
         return future.result()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from tasks.progress import STEP_HOOKS
 from turboquant.evaluate import BaselineLogits, load_model, load_tokenizer, read_text, tokenize
 from turboquant.formats import export
 from turboquant.gates import Gates
@@ -18,10 +20,19 @@ from turboquant.validate import artifact_bits, validate, write_validation
 
 @task(name="export", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def export_artifact(qdir: str, fmt: str, options: dict, out: str) -> str:
+    """Path of the exported artifact (written atomically, ``manifest.json`` last)."""
     return str(export(qdir, fmt, out, overwrite=True, **options))
 
 
-@task(name="baseline", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@export_artifact.on_rollback
+def _remove_artifact(txn) -> None:
+    """A rolled-back artifact (failed gate, failed publish) leaves nothing that could be published later."""
+    path = txn.get("artifact", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@task(name="baseline", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **STEP_HOOKS)
 def compute_baseline(model_dir: str, text: str, ctx: int, max_tokens: int | None, out: str) -> str:
     """The baseline's distributions on the evaluation windows, computed once per model and cached on disk."""
     ids = tokenize(load_tokenizer(model_dir), read_text(text))
@@ -45,7 +56,7 @@ def validate_artifact(artifact: str, model_dir: str, evaluation: dict, gates: di
             "validation": out}
 
 
-@task(name="report")
+@task(name="report", **STEP_HOOKS)
 def report_run(run_dir: str) -> str:
     """Write the run report and attach it to the flow run as a Markdown artifact."""
     md = write_report(run_dir)

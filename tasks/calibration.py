@@ -7,11 +7,13 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from tasks.progress import STEP_HOOKS
+
 from turboquant.calibration import CalibrationRecipe, build_calibration
 from turboquant.model import read_config
 
 
-@task(name="build-calibration", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(name="build-calibration", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **STEP_HOOKS)
 def build_calibration_set(model_dir: str, recipe: dict, out: str) -> str:
     """Path of the calibration file for ``recipe`` (``CalibrationRecipe`` fields) on ``model_dir``'s tokenizer."""
     r = CalibrationRecipe(tuple(recipe["data"]), n_samples=recipe.get("n_samples", 128),

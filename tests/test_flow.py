@@ -133,3 +133,29 @@ def test_sigkill_mid_run_then_rerun_resumes_without_redoing_finished_tasks(tmp_p
     assert leftovers == []
     for label in ("gptq", "awq", "gguf-Q4_0"):
         assert (model / "artifacts" / f"rtn-w4-g32-{label}" / "manifest.json").is_file()
+
+
+def test_a_failed_gate_rolls_back_its_artifact_and_keeps_its_verdict(tmp_path, tiny_model):
+    """Export + validate (+ publish) of one artifact is one transaction: a gate failure removes the exported
+    directory (nothing left that could be published), the verdict and its reasons stay in eval/ and the report."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "models": [{"id": str(tiny_model)}],
+        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 512},
+        "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32}, "formats": ["gptq"]},
+                     {"method": "rtn", "options": {"bits": 2, "group_size": 32}, "formats": ["gptq"]}],
+        "gates": {"max_kl": 0.05},
+    }))
+    run = tmp_path / "run"
+    res = _run(tmp_path, params, run)
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-3000:]
+    model = run / tiny_model.name
+    assert (model / "artifacts" / "rtn-w8-g32-gptq" / "manifest.json").is_file()
+    assert not (model / "artifacts" / "rtn-w2-g32-gptq").exists()  # rolled back
+    failed = json.loads((model / "eval" / "rtn-w2-g32-gptq.json").read_text())
+    assert not failed["verdict"]["passed"] and any(w in r for r in failed["verdict"]["reasons"] for w in ("KL", "top-1")), failed["verdict"]
+    assert "rtn-w2-g32-gptq" in (model / "report.md").read_text()
+    assert [p for p in run.rglob("*") if ".tmp-" in p.name] == []
+    log = res.stdout + res.stderr
+    assert "rtn rtn-w2-g32: shard 3/3 done" in log  # the engine's per-block lines reach the Prefect logs
+    assert "plan: 100%|" in log and "7/7" in log  # the whole-plan bar: fetch, baseline, 2 quantize, 2 ship, report

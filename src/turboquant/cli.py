@@ -115,6 +115,10 @@ def quantize(
     group_size: Optional[int] = typer.Option(None, help="Group size: 32/64/128/..., -1 per-channel, 0 per-tensor."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric codes."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), e.g. mse_clip=true."),
+    target_bpw: Optional[float] = typer.Option(
+        None, help="Mixed precision: bits per layer chosen by measured sensitivity so that the average stored "
+                   "bits per weight (scales included) is at most this (rtn / gptq; needs calibration)."),
+    candidate_bits: str = typer.Option("2,3,4,6,8", help="Bit widths a layer may get (with --target-bpw)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration file from `turboquant calibrate`."),
     data: list[str] = typer.Option([], help="Build the calibration set on the fly from these files/datasets."),
     n_samples: int = typer.Option(128, help="Calibration windows (with --data)."),
@@ -127,17 +131,29 @@ def quantize(
     progress: bool = typer.Option(True, help="Show a progress bar per decoder block."),
 ) -> None:
     """Quantize MODEL with one method and scheme into a canonical checkpoint that every exporter reads."""
-    from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration
+    from turboquant.calibration import CalibrationRecipe, build_calibration
+    from turboquant.methods import get_method
+    from turboquant.provenance import load_calibration
     from turboquant.model import open_model
     from turboquant.quantize_checkpoint import quantize as run_quantize
 
     cfg = build_config(method, bits, group_size, sym, option)
+    if target_bpw is not None:
+        from turboquant.methods.mixed import MixedPrecisionConfig, parse_bits
+
+        cfg = MixedPrecisionConfig.wrap(cfg, target_bpw, parse_bits(candidate_bits))
     if calib and data:
         raise ConfigError("both --calib and --data were given", "pass one of them")
+    if not get_method(cfg.method).checkpoint:  # bitsandbytes: a transformers checkpoint; int8: refused there
+        from turboquant.api import write_bnb_artifact
+
+        path = write_bnb_artifact(model, cfg, out, revision=revision, overwrite=overwrite, allow_pickle=allow_pickle)
+        typer.echo(f"wrote {path}")
+        return
     opened = open_model(model, revision, allow_pickle=allow_pickle)
     calib_set = None
     if calib:
-        calib_set = CalibrationSet.load(calib)
+        calib_set = load_calibration(calib)  # records the file's DVC md5 for the manifest
     elif data:
         recipe = CalibrationRecipe(tuple(data), n_samples=n_samples, seqlen=seqlen, seed=seed)
         calib_set = build_calibration(recipe, opened.source.path, opened.config.get("max_position_embeddings"))
@@ -280,6 +296,7 @@ def report(
 def plan(params: Path = typer.Argument(Path("params.yaml"), help="The plan (params.yaml).")) -> None:
     """Validate the plan and print what it expands to; impossible combinations fail before any work."""
     from turboquant.model import resolve_model
+    from turboquant.placement import place_method, place_validator
     from turboquant.plan import Plan
 
     p = Plan.from_yaml(params)
@@ -288,11 +305,14 @@ def plan(params: Path = typer.Argument(Path("params.yaml"), help="The plan (para
         local = Path(m["id"]).expanduser()
         typer.echo(f"model {m['id']}" + (f" @ {m['revision']}" if m.get("revision") else ""))
         results = p.check_formats(resolve_model(local).path) if local.is_dir() else None
+        typer.echo(f"  fetch → calibrate → baseline (pool cpu)")
         for q in p.quantize:
-            typer.echo(f"  quantize {q.name}: {q.config.to_json()}")
+            pool = _pool_of(place_method, q.config.method)
+            typer.echo(f"  quantize {q.name} (pool {pool}): {q.config.to_json()}")
             for target in q.formats:
                 err = next((e for n, lbl, e in results if n == q.name and lbl == target.label), None) if results else None
-                typer.echo(f"    export {target.label}" + (f"  <- IMPOSSIBLE: {err}" if err else ""))
+                typer.echo(f"    export {target.label} → validate (pool {_pool_of(place_validator, target.format)})"
+                           f" → gate → publish" + (f"  <- IMPOSSIBLE: {err}" if err else ""))
                 if err:
                     failures.append((f"{m['id']} {q.name} -> {target.label}", err))
         if results is None:
@@ -303,25 +323,73 @@ def plan(params: Path = typer.Argument(Path("params.yaml"), help="The plan (para
     typer.echo(f"plan OK: {sum(len(q.formats) for q in p.quantize) * len(p.models)} artifacts")
 
 
+def _pool_of(place: Callable[[str], Any], name: str) -> str:
+    try:
+        return place(name).pool
+    except ConfigError as e:
+        return f"NONE AVAILABLE: {e.problem}"
+
+
 @app.command()
 @handle_errors
 def run(
     params: Path = typer.Argument(Path("params.yaml"), help="The plan (params.yaml)."),
     run_dir: Path = typer.Option(Path("runs/latest"), help="Where the run's outputs go."),
+    placement: str = typer.Option("local", help="local: everything in this process; pools: each quantization as a "
+                                                "run of the quantize_method deployment on its pool (needs a server "
+                                                "and workers, see deployments/)."),
+    progress: bool = typer.Option(True, help="Show a progress bar over the plan's steps."),
 ) -> None:
     """Run the whole plan as the Prefect flow quantize_model (embedded: no server needed)."""
     from turboquant.plan import Plan
 
-    Plan.from_yaml(params)  # a bad plan fails here, before Prefect starts
-    from flows.quantize_model import quantize_model  # the CLI is the one engine module that reaches the flows
+    if placement not in ("local", "pools"):
+        raise ConfigError(f"--placement {placement!r} is not local or pools", "pass --placement local or pools")
+    plan = Plan.from_yaml(params)  # a bad plan fails here, before Prefect starts
+    if placement == "pools":
+        from turboquant.placement import place_method
 
-    verdicts = quantize_model(params=str(params), run_dir=str(run_dir))
+        for q in plan.quantize:
+            place_method(q.config.method)  # no pool with a worker for a method fails here too
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "turboquant")
+    from flows.quantize_model import quantize_model  # the CLI is the one engine module that reaches the flows
+    from tasks.progress import plan_progress
+
+    with plan_progress(plan, enabled=progress):
+        verdicts = quantize_model(params=str(params), run_dir=str(run_dir), placement=placement)
     passed = sum(v["passed"] for v in verdicts)
     typer.echo(f"{passed} of {len(verdicts)} artifacts passed their gates; report: {run_dir}")
     failed = [v for v in verdicts if not v["passed"]]
     if failed:
         typer.echo(f"turboquant: {len(failed)} artifact(s) not approved; first: {Path(failed[0]['artifact']).name}: "
                    f"{'; '.join(failed[0]['reasons'])}", err=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+@handle_errors
+def nightly(
+    watch: Path = typer.Option(Path("deployments/watch.yaml"), help="The watch list (repos, or authors + filter)."),
+    params: Path = typer.Option(Path("params.yaml"), help="The plan each new release runs (its models are replaced "
+                                                           "by the release)."),
+    runs_root: Path = typer.Option(Path("runs/nightly"), help="Where each release's run and the ledger go."),
+    placement: str = typer.Option("local", help="local or pools (see `turboquant run`)."),
+) -> None:
+    """Check the watch list once and run the plan on every release not yet processed (what the 02:00 UTC
+    deployment does)."""
+    from turboquant.plan import Plan
+    from turboquant.watch import load_watch
+
+    Plan.from_yaml(params)
+    load_watch(watch)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "turboquant")
+    from flows.nightly import nightly as nightly_flow
+
+    outcomes = nightly_flow(watch=str(watch), params=str(params), runs_root=str(runs_root), placement=placement)
+    for o in outcomes:
+        extra = f" ({o['passed']} approved)" if "passed" in o else (f": {o['error'].splitlines()[0]}" if "error" in o else "")
+        typer.echo(f"{o['status']:9s} {o['repo_id']}@{o['sha'][:12]}{extra}")
+    if any(o["status"] == "failed" for o in outcomes):
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
@@ -363,10 +431,228 @@ def demo(
 # ---- Hub commands (fetch, publish) ----
 
 
+@app.command()
+@handle_errors
+def fetch(
+    repo: str = typer.Argument(..., help="Hub repo id, e.g. org/model."),
+    revision: Optional[str] = typer.Option(None, help="Branch, tag or commit sha to pin (default: main)."),
+    allow_pickle: bool = typer.Option(False, help="Also fetch pickle (*.bin) checkpoints you trust."),
+) -> None:
+    """Download the files a run needs from REPO at a pinned revision; prints the local path and commit sha."""
+    from turboquant.hub import fetch_snapshot
+
+    path, sha = fetch_snapshot(repo, revision, allow_pickle=allow_pickle)
+    typer.echo(f"{repo}@{sha} -> {path}")
+
+
+def default_validation_path(artifact_dir: Path) -> Path:
+    """Where the flow writes an artifact's validation: run/<model>/artifacts/<label> -> run/<model>/eval/<label>.json."""
+    return artifact_dir.resolve().parent.parent / "eval" / f"{artifact_dir.resolve().name}.json"
+
+
+@app.command()
+@handle_errors
+def publish(
+    artifact_dir: Path = typer.Argument(..., help="Exported artifact directory (with manifest.json)."),
+    repo: str = typer.Option(..., "--repo", help="Target repo 'namespace/name', or a namespace to use the "
+                                                 "community naming ({Model}-GGUF, {Model}-GPTQ-Int4, ...)."),
+    validation: Optional[Path] = typer.Option(None, help="Validation JSON (default: ../../eval/<artifact>.json)."),
+    private: bool = typer.Option(False, help="Create the repo private."),
+    dry_run: bool = typer.Option(False, help="Print the model card and the file list; contact nobody."),
+) -> None:
+    """Publish an approved artifact to the Hub in one idempotent commit, with its model card (token: HF_TOKEN
+    or the stored login)."""
+    from turboquant.hub import load_validation, publish as run_publish, repo_name_for
+    from turboquant.modelcard import artifact_bits, model_name
+
+    data = load_validation(validation or default_validation_path(artifact_dir))
+    repo_id = repo
+    if "/" not in repo:
+        manifest_path = artifact_dir / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        repo_id = repo_name_for(model_name(manifest), manifest.get("format", "artifact"),
+                                artifact_bits(manifest, data), repo)
+    result = run_publish(artifact_dir, repo_id, validation=data, private=private, dry_run=dry_run)
+    if dry_run:
+        typer.echo(result.card)
+        typer.echo(f"files for {result.repo_id}:")
+        for name in result.files:
+            typer.echo(f"  {name}")
+        typer.echo(f"dry run: nothing was published (idempotency key {result.key})")
+        return
+    if result.created:
+        typer.echo(f"published {artifact_dir.name} to {result.url} (commit {result.commit_sha})")
+    else:
+        typer.echo(f"{artifact_dir.name} is already published in {result.url} (commit {result.commit_sha}); "
+                   "no new commit")
+
+
 # ---- provenance commands (reproduce) ----
+
+EXIT_NOT_REPRODUCED = 4
+
+stage_app = typer.Typer(help="The DVC pipeline's stages (dvc.yaml runs these; each reads its slice of the plan).",
+                        no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+
+
+@app.command("reproduce")
+@handle_errors
+def reproduce_command(
+    manifest: Path = typer.Argument(..., help="An artifact's manifest.json (or the artifact directory)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the rebuild here (default: a temp dir)."),
+    model: Optional[Path] = typer.Option(None, help="The source model, when it is no longer at the recorded path."),
+    pull: bool = typer.Option(True, help="`dvc pull` the calibration file when it is missing or at another version."),
+) -> None:
+    """Rebuild the artifact of MANIFEST from its recorded inputs and compare sha256s file by file; exit 4 unless
+    every file is identical."""
+    from turboquant.reproduce import reproduce
+
+    result = reproduce(manifest, out, model, pull)
+    for note in result.notes:
+        typer.echo(f"note: {note}; the rebuild may not be bit-exact (numeric differences are reported)")
+    for f in result.files:
+        typer.echo(f.line())
+    same = sum(f.ok for f in result.files)
+    typer.echo(f"{same} of {len(result.files)} files identical")
+    if not result.identical:
+        typer.echo("turboquant: the rebuild is not byte-identical to the manifest", err=True)
+        raise typer.Exit(EXIT_NOT_REPRODUCED)
+
+
+def _slice(stage: str, key: str) -> dict[str, Any]:
+    from turboquant.provenance import SLICES_DIR
+
+    path = Path(SLICES_DIR) / stage / f"{key}.json"
+    if not path.is_file():
+        raise ConfigError(f"no {stage} stage '{key}' ({path} is missing)", "run `turboquant stage sync params.yaml`")
+    return json.loads(path.read_text())
+
+
+@stage_app.command("sync")
+@handle_errors
+def stage_sync(
+    params: Path = typer.Argument(Path("params.yaml"), help="The plan (params.yaml)."),
+    strict: bool = typer.Option(False, help="Fail when dvc/plan.yaml (the stage list) had to change (dvc.yaml)."),
+) -> None:
+    """Expand the plan into dvc/plan.yaml (the stage keys dvc.yaml iterates) and one slice per stage."""
+    import shutil
+
+    import yaml
+
+    from turboquant.plan import Plan
+    from turboquant.provenance import PLAN_FILE, SLICES_DIR, expand_pipeline
+
+    plan_data, slices = expand_pipeline(Plan.from_yaml(params), str(params))
+    shutil.rmtree(SLICES_DIR, ignore_errors=True)
+    for rel, data in slices.items():
+        Path(rel).parent.mkdir(parents=True, exist_ok=True)
+        Path(rel).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    text = ("# Generated by `turboquant stage sync` from the plan: the stage keys dvc.yaml iterates. Commit it.\n"
+            + yaml.safe_dump(plan_data, sort_keys=True))
+    old = Path(PLAN_FILE).read_text() if Path(PLAN_FILE).is_file() else None
+    if old != text:
+        Path(PLAN_FILE).write_text(text)
+    typer.echo(f"wrote {len(slices)} stage slices under {SLICES_DIR}" + ("" if old == text else f" and {PLAN_FILE}"))
+    if strict and old is not None and old != text:
+        raise ConfigError(f"the plan's stage list changed, {PLAN_FILE} was rewritten",
+                          "run `dvc repro` again (and commit dvc/plan.yaml)")
+
+
+@stage_app.command("calibrate")
+@handle_errors
+def stage_calibrate(key: str = typer.Argument(..., help="Model key (dvc/params/calibrate/KEY.json).")) -> None:
+    """Build the model's calibration set (`turboquant calibrate` with the plan's recipe)."""
+    s = _slice("calibrate", key)
+    calibrate(model=s["model"], data=s["data"], out=Path(s["out"]), n_samples=s["n_samples"], seqlen=s["seqlen"],
+              seed=s["seed"], text_field="text", chat_template=False, revision=s.get("revision"))
+
+
+@stage_app.command("quantize")
+@handle_errors
+def stage_quantize(key: str = typer.Argument(..., help="MODEL--NAME (dvc/params/quantize/KEY.json).")) -> None:
+    """Quantize with one plan entry; the calibration file is loaded with its md5, which the manifest records."""
+    from turboquant.methods import make_config
+    from turboquant.model import open_model
+    from turboquant.provenance import load_calibration
+    from turboquant.quantize_checkpoint import quantize as run_quantize
+
+    s = _slice("quantize", key)
+    cfg = dict(s["config"])
+    config = make_config(cfg.pop("method"), **cfg)
+    calib = load_calibration(s["calibration"]) if s.get("calibration") else None
+    path = run_quantize(open_model(s["model"], s.get("revision")), config, Path(s["out"]), calib=calib,
+                        overwrite=True, progress=False)
+    typer.echo(f"wrote {path}")
+
+
+@stage_app.command("export")
+@handle_errors
+def stage_export(key: str = typer.Argument(..., help="MODEL--NAME--LABEL (dvc/params/export/KEY.json).")) -> None:
+    """Export one quantized checkpoint in one format (`turboquant export` with the plan's options)."""
+    s = _slice("export", key)
+    export(qdir=Path(s["quantized"]), fmt=s["format"], out=Path(s["out"]), gguf_type=None,
+           option=[f"{k}={json.dumps(v)}" for k, v in sorted(s["options"].items())], overwrite=True)
+
+
+@stage_app.command("evaluate")
+@handle_errors
+def stage_evaluate(key: str = typer.Argument(..., help="MODEL--NAME--LABEL (dvc/params/evaluate/KEY.json).")) -> None:
+    """Validate one artifact (`turboquant validate`); a failed gate is recorded in the metrics, not a stage error."""
+    from turboquant.model import resolve_model
+
+    s = _slice("evaluate", key)
+    ev = s["evaluation"]
+    Path(s["out"]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        validate(artifact=Path(s["artifact"]), baseline=str(resolve_model(s["model"], s.get("revision")).path),
+                 text=Path(ev["text"]), ctx=ev.get("ctx", 512), long_ctx=None, max_tokens=ev.get("max_tokens"),
+                 tasks=list(ev.get("tasks") or []), task_limit=ev.get("task_limit"),
+                 gate=[f"{k}={json.dumps(v)}" for k, v in sorted(s["gates"].items())],
+                 baseline_cache=Path(s["baseline_cache"]), json_out=Path(s["out"]))
+    except typer.Exit as e:
+        if e.exit_code != EXIT_GATE_FAILED:
+            raise
+        typer.echo("gate failed: recorded in the metrics; the artifact is not approved")
+
+
+@stage_app.command("report")
+@handle_errors
+def stage_report() -> None:
+    """Per model the run report (`turboquant report`), and reports/quality.json (one record per artifact) that
+    `dvc plots show` draws."""
+    from turboquant.report import find_validations, write_report
+
+    s = _slice("", "report")
+    records = []
+    for mk in sorted(s["runs"]):
+        metrics_dir = Path(s["metrics"]) / mk
+        if not metrics_dir.is_dir():
+            continue
+        write_report(metrics_dir, Path(s["out"]) / "models" / mk)
+        for v in find_validations(metrics_dir):
+            records.append({"model": mk, "artifact": Path(v["artifact"]).name, "format": v.get("format"),
+                            "bits_per_weight": v.get("bits_per_weight"), "ppl": v.get("ppl"), "kl": v.get("kl"),
+                            "top1": v.get("top1"), "passed": v["verdict"]["passed"]})
+    Path(s["out"]).mkdir(parents=True, exist_ok=True)
+    (Path(s["out"]) / "quality.json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {s['out']}/quality.json ({len(records)} artifacts)")
+
 
 
 # ---- dispatcher commands (recommend) ----
+
+
+@app.command()
+@handle_errors
+def recommend(
+    target: Optional[str] = typer.Option(None, help="cpu, edge, gpu, qlora or lossless (default: the whole table)."),
+) -> None:
+    """Print which method and format fit a deployment target (the decision table of docs/methods.md)."""
+    from turboquant.recommend import TABLE, recommend as pick, render_text
+
+    rows = [pick(target)] if target is not None else list(TABLE)
+    typer.echo("\n\n".join(render_text(r) for r in rows))
 
 
 def main() -> None:

@@ -1,0 +1,46 @@
+"""Nightly: find the releases the watch list points at, and which of them are already done."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from turboquant.hub import latest_commit, list_watch, published_keys
+from turboquant.watch import load_watch
+
+
+@task(name="find-releases", retries=3, retry_delay_seconds=[10, 60, 300])
+def find_releases(watch: str) -> list[dict]:
+    """``[{"repo_id", "sha"}]``: the head commit of every watched repo (authors expanded through list_models)."""
+    releases = []
+    for entry in load_watch(watch):
+        repos = [(entry.repo, entry.revision)] if entry.repo else \
+            [(r, "main") for r in list_watch(entry.author, entry.name_contains)[: entry.limit]]
+        for repo, revision in repos:
+            releases.append({"repo_id": repo, "sha": latest_commit(repo, revision)})
+    return releases
+
+
+@task(name="published-keys", retries=3, retry_delay_seconds=[10, 60, 300])
+def keys_on_hub(repos: list[str]) -> list[str]:
+    """Idempotency keys in the commit history of ``repos`` (the plan's target repos for one model)."""
+    return sorted({k for repo in repos for k in published_keys(repo)})
+
+
+def ledger_keys(ledger: Path) -> set[str]:
+    """Release keys of runs that finished (published or not): the local record when nothing is published."""
+    if not ledger.is_file():
+        return set()
+    return {json.loads(line)["release"] for line in ledger.read_text().splitlines() if line.strip()}
+
+
+@task(name="record-release")
+def record_release(ledger: str, entry: dict) -> None:
+    """Append a finished release to the ledger (one JSON line; appends are atomic for lines this short)."""
+    path = Path(ledger)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    get_run_logger().info("recorded release %s@%s", entry["repo_id"], entry["sha"][:12])

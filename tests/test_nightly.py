@@ -1,0 +1,64 @@
+"""The nightly flow against the local Hub-compatible server: a watched author's new release is quantized,
+validated and published once; an unchanged release is skipped (by the Hub's record even without the local
+ledger); a new commit is a new release."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import HELDOUT
+
+pytestmark = pytest.mark.slow
+
+
+def _nightly(tmp_path, watch, params):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+    return subprocess.run([sys.executable, "-m", "turboquant.cli", "nightly", "--watch", str(watch), "--params",
+                           str(params), "--runs-root", str(tmp_path / "nightly")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=900)
+
+
+def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_server, tiny_model):
+    hub = hub_server.state
+    hub.create_repo("org/tiny-llama", {p.name: p for p in tiny_model.iterdir() if p.is_file()})
+    hub.create_repo("org/unrelated-model", {"README.md": "not watched"})
+    watch = tmp_path / "watch.yaml"
+    watch.write_text(yaml.safe_dump({"watch": [{"author": "org", "name_contains": "tiny"}]}))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "models": [{"id": "org/replaced-by-each-release"}],
+        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256},
+        "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32}, "formats": ["gptq"]}],
+        "gates": {"min_top1": 0.0},
+        "publish": {"enabled": True, "namespace": "tq"},
+    }))
+    first_sha = hub.repos["org/tiny-llama"].head.oid
+
+    res = _nightly(tmp_path, watch, params)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"processed org/tiny-llama@{first_sha[:12]} (1 approved)" in res.stdout
+    published = [c for c in hub.commits("tq/tiny-llama-GPTQ-Int8") if "TurboQuant-Idempotency-Key" in c.message]
+    assert len(published) == 1
+    assert {"model.safetensors.index.json", "manifest.json", "README.md"} <= set(hub.files("tq/tiny-llama-GPTQ-Int8"))
+    assert "unrelated" not in res.stdout
+
+    (tmp_path / "nightly" / "processed.jsonl").unlink()  # the Hub's commit history alone says it is done
+    again = _nightly(tmp_path, watch, params)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"skipped   org/tiny-llama@{first_sha[:12]}" in again.stdout
+    assert len(hub.commits("tq/tiny-llama-GPTQ-Int8")) == len(published) + 1  # repo creation + the one publish
+    assert sorted(p.name for p in (tmp_path / "nightly").iterdir() if "@" in p.name) == [f"tiny-llama@{first_sha[:12]}"]
+
+    new_sha = hub.push("org/tiny-llama", {"README.md": "# tiny-llama v2\n"}, message="release v2")
+    third = _nightly(tmp_path, watch, params)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert f"processed org/tiny-llama@{new_sha[:12]}" in third.stdout
+    assert (tmp_path / "nightly" / f"tiny-llama@{new_sha[:12]}" / "tiny-llama" / "artifacts" / "rtn-w8-g32-gptq").is_dir()
+    keys = [c.message for c in hub.commits("tq/tiny-llama-GPTQ-Int8") if "TurboQuant-Idempotency-Key" in c.message]
+    assert len(keys) == 2 and keys[0] != keys[1]  # the new release's artifact (its manifest names the new sha)
