@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from tasks.progress import STEP_HOOKS
+from turboquant import faults
 from turboquant.evaluate import BaselineLogits, load_model, load_tokenizer, read_text, tokenize
 from turboquant.formats import export
 from turboquant.gates import Gates
@@ -21,7 +22,10 @@ from turboquant.validate import artifact_bits, validate, write_validation
 @task(name="export", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def export_artifact(qdir: str, fmt: str, options: dict, out: str) -> str:
     """Path of the exported artifact (written atomically, ``manifest.json`` last)."""
-    return str(export(qdir, fmt, out, overwrite=True, **options))
+    faults.point("task.export.start")
+    path = str(export(qdir, fmt, out, overwrite=True, **options))
+    faults.point("task.export.end")
+    return path
 
 
 @export_artifact.on_rollback
@@ -35,23 +39,27 @@ def _remove_artifact(txn) -> None:
 @task(name="baseline", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **STEP_HOOKS)
 def compute_baseline(model_dir: str, text: str, ctx: int, max_tokens: int | None, out: str) -> str:
     """The baseline's distributions on the evaluation windows, computed once per model and cached on disk."""
+    faults.point("task.baseline.start")
     ids = tokenize(load_tokenizer(model_dir), read_text(text))
     if max_tokens:
         ids = ids[:max_tokens]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     BaselineLogits.compute(load_model(model_dir), ids, ctx).save(out)
+    faults.point("task.baseline.end")
     return out
 
 
 @task(name="validate", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def validate_artifact(artifact: str, model_dir: str, evaluation: dict, gates: dict, baseline: str, out: str) -> dict:
     """Metrics and verdict (also written to ``out``); the verdict's ``passed`` decides publishing."""
+    faults.point("task.validate.start")
     g = Gates.for_bits(artifact_bits(Path(artifact)) or 16, **gates)
     metrics = validate(artifact, model_dir, evaluation["text"], ctx=evaluation.get("ctx", 512),
                        max_tokens=evaluation.get("max_tokens"), tasks=tuple(evaluation.get("tasks") or ()),
                        task_limit=evaluation.get("task_limit"), gates=g, baseline_cache=baseline)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_validation(metrics, out)
+    faults.point("task.validate.end")
     return {"artifact": artifact, "passed": metrics["verdict"]["passed"], "reasons": metrics["verdict"]["reasons"],
             "validation": out}
 
@@ -59,8 +67,10 @@ def validate_artifact(artifact: str, model_dir: str, evaluation: dict, gates: di
 @task(name="report", **STEP_HOOKS)
 def report_run(run_dir: str) -> str:
     """Write the run report and attach it to the flow run as a Markdown artifact."""
+    faults.point("task.report.start")
     md = write_report(run_dir)
     create_markdown_artifact(md.read_text(), key="quantization-report", description=f"report of {run_dir}")
+    faults.point("task.report.end")
     return str(md)
 
 

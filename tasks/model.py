@@ -6,6 +6,7 @@ from prefect import task
 
 from tasks.progress import STEP_HOOKS
 
+from turboquant import faults
 from turboquant.model import resolve_model
 
 
@@ -13,5 +14,6 @@ from turboquant.model import resolve_model
 def fetch_model(model_id: str, revision: str | None = None) -> dict:
     """``{"path", "repo_id", "revision", "commit_sha", "sha"}``: ``sha`` is the commit sha of a Hub model and the
     content hash of a local one — what identifies the release."""
+    faults.point("task.fetch.start")
     source = resolve_model(model_id, revision)
     return {**source.describe(), "sha": source.commit_sha or source.content_hash()}

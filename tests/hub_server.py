@@ -13,7 +13,8 @@ real client runs unmodified against it through ``HF_ENDPOINT``:
 - ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag`` / ``X-Linked-Etag`` / ``X-Linked-Size``
 
 Faults are injected per request (``fail``): an HTTP status (429, 500, ...), ``drop`` (read the request, close the
-connection without answering) or ``drop_after`` (do the work, then close without answering: a lost response).
+connection without answering), ``drop_after`` (do the work, then close without answering: a lost response) or
+``timeout:S`` (hold the request S seconds, do nothing, close: a Hub that stops answering).
 Every request is logged (``requests``) so tests can count retries.
 """
 
@@ -167,7 +168,8 @@ class HubState:
 
     def fail(self, pattern: str, *actions: str | int, method: str | None = None) -> None:
         """The next requests whose path matches ``pattern`` (regex) get ``actions`` in turn: a status code,
-        ``"drop"`` or ``"drop_after"``."""
+        ``"drop"``, ``"drop_after"`` or ``"timeout:SECONDS"`` (hold the request that long without doing anything,
+        then close the connection: a client with a shorter timeout gives up first)."""
         with self.lock:
             self.faults.append(Fault(re.compile(pattern), method, [str(a) for a in actions]))
 
@@ -261,6 +263,10 @@ class Handler(BaseHTTPRequestHandler):
         fault = state.take_fault(method, path)
         if fault == "drop":
             state.requests.append((method, path, "drop"))
+            return self._drop()
+        if fault is not None and fault.startswith("timeout:"):  # a Hub that stops answering: nothing is done
+            state.requests.append((method, path, "timeout"))
+            time.sleep(float(fault.partition(":")[2]))
             return self._drop()
         if fault is not None and fault.isdigit():
             state.requests.append((method, path, fault))

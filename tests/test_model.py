@@ -125,6 +125,7 @@ def test_hub_offline_uses_cache_and_returns_commit(tmp_path, monkeypatch, tiny_m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # read at call time, as users set it
     src = resolve_model("org/tiny")
     assert src.commit_sha == sha and src.repo_id == "org/tiny" and (src.path / "config.json").is_file()
     with pytest.raises(ModelLoadError, match="not in the local cache"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,17 @@ def read_documents(sources: tuple[str, ...], text_field: str = "text") -> list[s
     """Documents from local files (one per .txt file, one per JSON/Parquet record) or Hub dataset ids."""
     import datasets
 
+    quiet = datasets.is_progress_bar_enabled() and not sys.stderr.isatty()  # no bars in logs / under a job
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return _read_documents(datasets, sources, text_field)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _read_documents(datasets: Any, sources: tuple[str, ...], text_field: str) -> list[str]:
     docs: list[str] = []
     for src in sources:
         path = Path(src)
@@ -159,6 +171,7 @@ def build_calibration(recipe: CalibrationRecipe, tokenizer_dir: str | Path, max_
     if seqlen != recipe.seqlen:
         recipe = CalibrationRecipe(**{**recipe.to_dict(), "sources": recipe.sources, "seqlen": seqlen})
     tokenizer = load_tokenizer(tokenizer_dir)
+    check_tokenizer_fits(tokenizer, tokenizer_dir)
     docs = read_documents(recipe.sources, recipe.text_field)
     if recipe.chat_template:
         if not getattr(tokenizer, "chat_template", None):
@@ -193,3 +206,17 @@ def check_vocab(calib: CalibrationSet, vocab_size: int) -> None:
     if top >= vocab_size:
         raise DataError(f"calibration token id {top} is outside the model's vocabulary ({vocab_size})",
                         "rebuild the calibration set with this model's tokenizer")
+
+
+def check_tokenizer_fits(tokenizer: Any, model_dir: str | Path) -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding has rows (another model's tokenizer): its
+    ids would index past the vocabulary. A model whose vocab_size is padded beyond the tokenizer is fine."""
+    cfg = Path(model_dir) / "config.json"
+    try:
+        vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        vocab = None
+    if isinstance(vocab, int) and vocab > 0 and len(tokenizer) > vocab:
+        raise DataError(f"the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{vocab}", "use the tokenizer the model was trained with (copy its tokenizer files next to "
+                        "config.json)")

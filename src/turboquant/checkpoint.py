@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import turboquant
+from turboquant import faults
 from turboquant.errors import ModelLoadError
 from turboquant.model import LazyCheckpoint, build_skeleton, materialize, read_config
 from turboquant.tensor import QuantizedTensor, QuantScheme
@@ -76,6 +77,7 @@ class CheckpointWriter:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         save_file(tensors, str(self.root / name), metadata={"format": "pt"})
         (self.root / name).chmod(0o644)
+        faults.point("quantize.shard_written")
         for key, t in tensors.items():
             self.weight_map[key] = name
             self.total_size += t.numel() * t.element_size()
@@ -90,6 +92,7 @@ class CheckpointWriter:
             config = json.loads(cfg_path.read_text())
             config.update(config_updates)
             cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        faults.point("quantize.before_metadata")
         full = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

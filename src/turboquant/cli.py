@@ -346,6 +346,14 @@ def run(
     if placement not in ("local", "pools"):
         raise ConfigError(f"--placement {placement!r} is not local or pools", "pass --placement local or pools")
     plan = Plan.from_yaml(params)  # a bad plan fails here, before Prefect starts
+    if not plan.evaluation.get("text"):
+        raise ConfigError(f"{params} sets no evaluation.text, which every artifact is validated on",
+                          "set evaluation.text to a held-out text file (e.g. ../shared/data/heldout/all.txt)")
+    for m in plan.models:  # and so does an impossible (scheme, format) on a local model's real shapes
+        if Path(m["id"]).expanduser().is_dir():
+            for name, label, err in plan.check_formats(Path(m["id"]).expanduser()):
+                if err is not None:
+                    raise ConfigError(f"{m['id']} {name} -> {label}: {err.problem}", err.fix)
     if placement == "pools":
         from turboquant.placement import place_method
 
@@ -515,6 +523,12 @@ def reproduce_command(
         typer.echo(f.line())
     same = sum(f.ok for f in result.files)
     typer.echo(f"{same} of {len(result.files)} files identical")
+    if result.tampered:
+        name, state = next(iter(result.tampered.items()))
+        more = f" (and {len(result.tampered) - 1} more)" if len(result.tampered) > 1 else ""
+        _fail(f"file '{name}' of {result.manifest.parent.name} is {state} since export{more}: it does not match "
+              f"manifest.json. Fix: restore the artifact (`dvc checkout` / `dvc pull`) or re-export it; never edit "
+              f"an artifact by hand.", EXIT_NOT_REPRODUCED)
     if not result.identical:
         typer.echo("turboquant: the rebuild is not byte-identical to the manifest", err=True)
         raise typer.Exit(EXIT_NOT_REPRODUCED)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from turboquant import faults
 from turboquant.errors import OutputError
 
 
@@ -31,16 +32,23 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     remove_stale_partials(parent, out.name)
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot write in {parent} ({e.strerror})",
+                          "choose a writable --out location or fix its permissions") from None
     try:
         yield tmp
+        faults.point("atomic.before_rename")
         if out.exists():
             old = parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
+            faults.point("atomic.between_renames")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        faults.point("atomic.renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -92,9 +93,64 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+#: Seconds a Hub connection may wait for a socket operation (connect, read, write) before it counts as timed out
+#: (and is retried as a transient failure). huggingface_hub's own client waits forever, which would hang an
+#: unattended run on a Hub that stops answering. TURBOQUANT_HUB_TIMEOUT overrides it.
+HUB_TIMEOUT_ENV = "TURBOQUANT_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 60.0
+_client_timeout: float | None = None
+
+
+def hub_timeout() -> float:
+    raw = os.environ.get(HUB_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{HUB_TIMEOUT_ENV}={raw!r} is not a number", "set it to a timeout in seconds, e.g. 60") from None
+    if value <= 0:
+        raise ConfigError(f"{HUB_TIMEOUT_ENV}={raw!r} is not positive", "set it to a timeout in seconds, e.g. 60")
+    return value
+
+
+def ensure_client_timeout() -> None:
+    """Give huggingface_hub's shared HTTP client a timeout (``hub_timeout()``), unless the user installed a client
+    factory of their own; re-installed when the setting changes."""
+    global _client_timeout
+    from huggingface_hub.utils import _http
+
+    seconds = hub_timeout()
+    current = _http._GLOBAL_CLIENT_FACTORY
+    if seconds == _client_timeout and getattr(current, "turboquant_timeout", None) == seconds:
+        return
+    if current is not _http.default_client_factory and getattr(current, "turboquant_timeout", None) is None:
+        return  # a factory the user set: theirs to configure
+    import httpx2
+
+    def factory() -> httpx2.Client:
+        return httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook]}, follow_redirects=True,
+                             timeout=httpx2.Timeout(seconds))
+
+    factory.turboquant_timeout = seconds  # type: ignore[attr-defined]
+    _http.set_client_factory(factory)
+    _client_timeout = seconds
+
+
+def _quiet():
+    """No upload / download progress bars when stderr is not a terminal (a job's log, a test): a failure must read
+    as one line there, not as the last of a screenful of bars."""
+    import contextlib
+
+    from huggingface_hub.utils import disable_progress_bars
+
+    return contextlib.nullcontext() if sys.stderr.isatty() else disable_progress_bars()
+
+
 def _api(token: str | None, endpoint: str | None):
     from huggingface_hub import HfApi
 
+    ensure_client_timeout()
     return HfApi(endpoint=hub_endpoint(endpoint), token=token)
 
 
@@ -225,6 +281,7 @@ def fetch_snapshot(repo_id: str, revision: str | None = None, allow_pickle: bool
     from huggingface_hub import errors as hf_errors
 
     check_repo_id(repo_id)
+    ensure_client_timeout()
     patterns = MODEL_FILE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     cache = Path(cache_dir).expanduser() if cache_dir else hub_cache_dir()
     url = hub_endpoint(endpoint)
@@ -239,9 +296,10 @@ def fetch_snapshot(repo_id: str, revision: str | None = None, allow_pickle: bool
         sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
         wanted = _matching(sorted(sizes), patterns)
         check_disk_space(repo_id, info.sha, {n: sizes[n] for n in wanted}, cache)
-        path = Path(with_retries(lambda _: snapshot_download(
-            repo_id, revision=info.sha, allow_patterns=patterns, cache_dir=str(cache), endpoint=url, token=token),
-            retry, what=f"download {repo_id}"))
+        with _quiet():
+            path = Path(with_retries(lambda _: snapshot_download(
+                repo_id, revision=info.sha, allow_patterns=patterns, cache_dir=str(cache), endpoint=url, token=token),
+                retry, what=f"download {repo_id}"))
         if revision != info.sha:
             _store_ref(cache, repo_id, revision or "main", info.sha)
     except hf_errors.GatedRepoError:
@@ -589,7 +647,8 @@ def publish(artifact_dir: str | Path, repo_id: str, *, validation: dict[str, Any
 
     upload, card = upload_for([], lic)  # what an already-published artifact reports
     try:
-        result = with_retries(attempt, retry, what=f"publish {artifact_dir.name} to {repo_id}")
+        with _quiet():
+            result = with_retries(attempt, retry, what=f"publish {artifact_dir.name} to {repo_id}")
     except PublishError:
         raise
     except Exception as e:
@@ -597,8 +656,10 @@ def publish(artifact_dir: str | Path, repo_id: str, *, validation: dict[str, Any
 
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(e, HfHubHTTPError) and status in (401, 403):
-            raise PublishError(f"the Hub refused to write {repo_id} ({status})",
-                               "use a token with write access to that namespace") from None
+            raise PublishError(f"the Hub refused to write {repo_id} ({status}: the token is invalid, revoked or "
+                               "has no write access there); nothing was committed",
+                               "set HF_TOKEN (or `hf auth login`) to a valid token with write access to that "
+                               "namespace") from None
         if not (is_transient(e) or isinstance(e, HfHubHTTPError)):
             raise
         tries = (retry or DEFAULT_RETRY).attempts if is_transient(e) else retries["n"] + 1

@@ -406,6 +406,18 @@ def _check_blocks_present(model: OpenedModel) -> None:
                     f"{key} is missing: the weights do not match the '{model.arch.name}' layout",
                     "check that config.json's model_type matches the weights",
                 )
+            dtype = model.checkpoint.tensors[key].dtype
+            if dtype not in _FLOAT_WEIGHT_DTYPES:
+                raise ModelLoadError(
+                    f"{key} is stored as {dtype}, not as a floating-point weight",
+                    "the file's header is wrong or the checkpoint is already quantized: use the original "
+                    "float16/bfloat16/float32 checkpoint",
+                )
+
+
+#: What a linear weight may be stored as (safetensors names, and torch names for allowed pickles).
+_FLOAT_WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "torch.float64", "torch.float32", "torch.float16",
+                                  "torch.bfloat16"})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,34 @@ def _keys(section: str, data: Any, allowed: set[str]) -> dict[str, Any]:
     return data
 
 
+#: The type each plan value must have (``None`` allowed where listed), and a sample for the fix.
+_TYPES: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "calibration": {"data": ((list,), "[calib.txt]"), "n_samples": ((int,), "128"), "seqlen": ((int,), "2048"),
+                    "seed": ((int,), "0")},
+    "evaluation": {"text": ((str,), "heldout.txt"), "ctx": ((int,), "512"), "max_tokens": ((int, type(None)), "16384"),
+                   "tasks": ((list, type(None)), "[tq_wiki_ppl]"), "task_limit": ((int, type(None)), "100")},
+    "publish": {"enabled": ((bool,), "true"), "namespace": ((str, type(None)), "my-org"), "private": ((bool,), "false"),
+                "naming": ((dict, type(None)), "{gguf: '{model}-GGUF'}"), "token_secret": ((str, type(None)), "hf-token")},
+}
+_POSITIVE = {"n_samples", "seqlen", "ctx", "max_tokens", "task_limit"}
+
+
+def _typed(section: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Refuse values of the wrong type (``n_samples: many``) before any work, naming the key and an example."""
+    for key, value in data.items():
+        types, example = _TYPES[section][key]
+        bad = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if not bad and key in _POSITIVE and isinstance(value, int) and value < 1:
+            bad = True
+        if bad:
+            raise ConfigError(f"params '{section}.{key}' is {value!r} ({type(value).__name__})",
+                              f"write it as {' or '.join(t.__name__ for t in types if t is not type(None))}"
+                              f"{' >= 1' if key in _POSITIVE else ''}, e.g. {key}: {example}")
+    if section == "calibration" and any(not isinstance(d, str) for d in data.get("data") or []):
+        raise ConfigError("params 'calibration.data' lists a non-text entry", "list file paths or Hub dataset ids")
+    return data
+
+
 @dataclass(frozen=True)
 class FormatTarget:
     format: str
@@ -86,9 +114,9 @@ class Plan:
         for m in models:
             if not isinstance(m.get("id"), str) or not m["id"]:
                 raise ConfigError("a model entry has no id", "give each model an id (Hub repo id or local path)")
-        calibration = _keys("calibration", data.get("calibration") or {}, CALIB_KEYS)
-        evaluation = _keys("evaluation", data.get("evaluation") or {}, EVAL_KEYS)
-        publish = _keys("publish", data.get("publish") or {}, PUBLISH_KEYS)
+        calibration = _typed("calibration", _keys("calibration", data.get("calibration") or {}, CALIB_KEYS))
+        evaluation = _typed("evaluation", _keys("evaluation", data.get("evaluation") or {}, EVAL_KEYS))
+        publish = _typed("publish", _keys("publish", data.get("publish") or {}, PUBLISH_KEYS))
         if publish.get("enabled") and not isinstance(publish.get("namespace"), str):
             raise ConfigError("publish is enabled but publish.namespace is not set",
                               "set publish.namespace to your Hub user or organisation (or enabled: false)")

@@ -56,10 +56,12 @@ class Reproduction:
     rebuilt: Path
     files: list[FileVerdict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Files of the artifact itself that no longer match its manifest: ``modified``, ``missing`` or ``unlisted``.
+    tampered: dict[str, str] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
-        return bool(self.files) and all(f.ok for f in self.files)
+        return bool(self.files) and all(f.ok for f in self.files) and not self.tampered
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -181,6 +183,16 @@ def compare(manifest: dict[str, Any], rebuilt: Path, original: Path | None) -> l
     return out
 
 
+def tampered_files(manifest_path: Path) -> dict[str, str]:
+    """Files of the artifact beside ``manifest_path`` that do not match it (changed, removed or added since
+    export); empty when the manifest is not an artifact's own ``manifest.json``."""
+    from turboquant.manifest import verify_files
+
+    if manifest_path.name != MANIFEST_FILE:
+        return {}
+    return {name: state for name, state in verify_files(manifest_path.parent).items() if state != "ok"}
+
+
 def numeric_difference(mine: Path, ref: Path | None) -> str:
     """The largest absolute difference of the (dequantized) tensors of two weight files, when computable."""
     if ref is None:
@@ -241,7 +253,7 @@ def reproduce(manifest_path: str | Path, out: Path | None = None, model: Path | 
     try:
         rebuilt = rebuild(manifest, model_dir, calib, work)
         result = Reproduction(manifest_path, rebuilt, compare(manifest, rebuilt, manifest_path.parent),
-                              version_notes(manifest))
+                              version_notes(manifest), tampered_files(manifest_path))
     finally:
         if out is None:
             shutil.rmtree(work, ignore_errors=True)

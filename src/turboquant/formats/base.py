@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from turboquant.checkpoint import INDEX_FILE, METADATA_FILE, QuantizedCheckpoint, shard_name
+from turboquant import faults
 from turboquant.errors import ConfigError
 from turboquant.fsutil import atomic_output_dir
 from turboquant.manifest import MANIFEST_FILE, write_manifest
@@ -102,6 +103,7 @@ def export(qdir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = Fal
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         details = spec.write(ckpt, tmp, opts)
         carry_files(ckpt.path, tmp)
+        faults.point("export.before_manifest")
         write_manifest(tmp, ckpt, fmt, opts, details or {})
     return Path(out)
 
@@ -195,6 +197,7 @@ class ShardedWriter:
         name = "model.safetensors" if self.total == 1 else shard_name(index, self.total)
         tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
         save_file(tensors, str(self.root / name), metadata={"format": "pt"})
+        faults.point("export.shard_written")
         for key, t in tensors.items():
             self.weight_map[key] = name
             self.size += t.numel() * t.element_size()

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from turboquant import faults
 from turboquant.checkpoint import QuantizedCheckpoint
 from turboquant.formats import gguf_model
 from turboquant.formats.base import FormatError, register_format
@@ -457,6 +458,7 @@ def write_gguf(ckpt: QuantizedCheckpoint, path: Path, plans: list[TensorPlan], f
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        faults.point("gguf.header_written")
         files = list(dict.fromkeys(p.file for p in plans))  # plan order is writing order
         for file in files:
             in_file = [p for p in plans if p.file == file]
@@ -465,6 +467,7 @@ def write_gguf(ckpt: QuantizedCheckpoint, path: Path, plans: list[TensorPlan], f
                 qt = ckpt.quantized_tensor(p.module) if p.module else None
                 writer.write_tensor_data(np.ascontiguousarray(_tensor_bytes(p, qt, plain.get(p.hf_name))))
             del plain
+            faults.point("gguf.shard_written")
         if factors is not None:
             writer.write_tensor_data(factors)
     finally:
