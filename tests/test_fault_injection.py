@@ -46,7 +46,7 @@ KILL_POINTS = [
     ("task.validate.end:2", True),
     ("task.report.start", True),
 ]
-LABELS = ("rtn-w8-g32-gptq", "rtn-w8-g32-gguf-Q8_0")
+LABELS = ("rtn-w8-g32-compressed-tensors", "rtn-w8-g32-gguf-Q8_0")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def params(tiny_model, tmp_path_factory) -> Path:
         "models": [{"id": str(tiny_model)}],
         "evaluation": {"text": str(HELDOUT), "ctx": 32, "max_tokens": 128},
         "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32},
-                      "formats": ["gptq", {"format": "gguf", "gguf_type": "Q8_0"}]}],
+                      "formats": ["compressed-tensors", {"format": "gguf", "gguf_type": "Q8_0"}]}],
     }))
     return path
 
