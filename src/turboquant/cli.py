@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,11 @@ from typing import Any, Callable, Optional
 import typer
 
 from turboquant.errors import ConfigError, TurboQuantError
+
+# Optional libraries the runtimes pull in (torchao via GPTQModel) log import-time noise at WARNING on every command
+# (missing CUDA kernels, deprecated pytree registrations); a command's stderr is for its own one-line errors.
+for _noisy in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 app = typer.Typer(
     name="turboquant",
