@@ -166,3 +166,32 @@ def test_fresh_clone_pull_and_reproduce_is_byte_identical(project):
     finally:
         os.environ.pop("DVC_SITE_CACHE_DIR", None)
     assert not Path("/var/tmp/dvc").exists() or not any(Path("/var/tmp/dvc").iterdir())
+
+
+def test_the_prefect_flow_tracks_and_pushes_what_it_produced(tiny_model, tmp_path):
+    """`turboquant run` inside a git + DVC project: the calibration set and the approved artifact end up in DVC's
+    cache and the remote (run directories are git-ignored, so their pointers go under dvc/tracked/)."""
+    env = {**_env(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh(repo, env, "git", "init", "-q")
+    sh(repo, env, sys.executable, "-m", "dvc", "init", "-q")
+    sh(repo, env, sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    (repo / ".gitignore").write_text("runs/\n")
+    plan = params(tiny_model, {"bits": 8, "group_size": 32})
+    plan["quantize"] = plan["quantize"][:1]  # gptq4 → GGUF Q4_0 (calibrated: the calibration set is tracked too)
+    plan["gates"] = {"min_top1": 0.5}  # a random tiny model: agreement is not what this test is about
+    (repo / "params.yaml").write_text(yaml.safe_dump(plan))
+    res = sh(repo, env, sys.executable, "-m", "turboquant.cli", "run", "params.yaml", "--run-dir", "runs/x",
+             "--no-progress")
+    assert "1 of 1 artifacts passed" in res.stdout
+    tracked = repo / "dvc" / "tracked"
+    calib = yaml.safe_load((tracked / "runs--x--tiny-llama--calibration.safetensors.dvc").read_text())["outs"][0]
+    art = yaml.safe_load((tracked / "runs--x--tiny-llama--artifacts--gptq4-gguf-Q4_0.dvc").read_text())["outs"][0]
+    from turboquant.provenance import md5_file
+
+    assert calib["md5"] == md5_file(repo / "runs/x/tiny-llama/calibration.safetensors")
+    assert art["md5"].endswith(".dir") and art["nfiles"] >= 3
+    pushed = {p.parent.name + p.name for p in (tmp_path / "remote" / "files" / "md5").rglob("*") if p.is_file()}
+    assert calib["md5"] in pushed and art["md5"] in pushed

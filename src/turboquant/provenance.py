@@ -195,13 +195,17 @@ class Dvc:
         """Put ``path`` (file or directory) under DVC (content-addressed in the cache); returns its .dvc file.
 
         ``dvc add`` writes ``PATH.dvc`` beside it; when that file would be git-ignored (a run directory), the
-        pointer goes to ``dvc/tracked/<path>.dvc`` instead and ``dvc commit`` fills in its hash."""
+        pointer goes to ``dvc/tracked/<path with / as -->.dvc`` instead — flat, so that an ignore rule on a
+        directory name (``runs/``) cannot match the pointer too — and ``dvc commit`` fills in its hash."""
         path = Path(path).resolve()
         sibling = path.with_name(path.name + ".dvc")
         if not self.is_git_ignored(sibling):
             self.run("add", "-q", self.rel(path))
             return sibling
-        pointer = self.root / "dvc" / "tracked" / (self.rel(path) + ".dvc")
+        pointer = self.root / "dvc" / "tracked" / (self.rel(path).replace("/", "--") + ".dvc")
+        if self.is_git_ignored(pointer):
+            raise ProvenanceError(f"{self.rel(pointer)} would be git-ignored, so DVC refuses it",
+                                  "remove the .gitignore rule that matches dvc/tracked/")
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.write_text(f"outs:\n- path: {Path(os.path.relpath(path, pointer.parent)).as_posix()}\n")
         self.run("commit", "-q", "-f", self.rel(pointer))
