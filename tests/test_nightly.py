@@ -11,17 +11,23 @@ import sys
 import pytest
 import yaml
 
-from conftest import HELDOUT
+from conftest import HELDOUT, HUB_TOKEN
 
 pytestmark = pytest.mark.slow
 
 
-def _nightly(tmp_path, watch, params):
+def _env(tmp_path):
+    """The Hub server's endpoint, but no HF_TOKEN: the token comes from the Prefect Secret block the plan names."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+def _nightly(tmp_path, watch, params):
     return subprocess.run([sys.executable, "-m", "turboquant.cli", "nightly", "--watch", str(watch), "--params",
                            str(params), "--runs-root", str(tmp_path / "nightly")], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=900)
+                          env=_env(tmp_path), cwd=tmp_path, timeout=900)
 
 
 def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_server, tiny_model):
@@ -36,8 +42,12 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
         "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256},
         "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32}, "formats": ["gptq"]}],
         "gates": {"min_top1": 0.0},
-        "publish": {"enabled": True, "namespace": "tq"},
+        "publish": {"enabled": True, "namespace": "tq", "token_secret": "hf-write-token"},
     }))
+    saved = subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.system import Secret; "
+                            "Secret(value=sys.argv[1]).save('hf-write-token')", HUB_TOKEN],
+                           capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert saved.returncode == 0, saved.stderr[-2000:]
     first_sha = hub.repos["org/tiny-llama"].head.oid
 
     res = _nightly(tmp_path, watch, params)
@@ -62,3 +72,10 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
     assert (tmp_path / "nightly" / f"tiny-llama@{new_sha[:12]}" / "tiny-llama" / "artifacts" / "rtn-w8-g32-gptq").is_dir()
     keys = [c.message for c in hub.commits("tq/tiny-llama-GPTQ-Int8") if "TurboQuant-Idempotency-Key" in c.message]
     assert len(keys) == 2 and keys[0] != keys[1]  # the new release's artifact (its manifest names the new sha)
+    for out in (res, again, third):  # the Secret block's token is never printed or written
+        assert HUB_TOKEN not in out.stdout + out.stderr
+    for path in (tmp_path / "nightly").rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert HUB_TOKEN.encode() not in path.read_bytes(), path
+    for repo in hub.repos:
+        assert all(HUB_TOKEN.encode() not in data for data in hub.files(repo).values()), repo
