@@ -52,9 +52,7 @@ def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest", pl
     for m in plan.models:
         source = fetch_model(m["id"], m.get("revision"))
         model_dir, name = source["path"], _model_name(m["id"], source["path"])
-        for q, label, err in plan.check_formats(Path(model_dir)):
-            if err is not None:
-                raise err
+        plan.require_formats(Path(model_dir), m["id"])
         out = run / name
         calib = None
         if any(get_method(q.config.method).needs_calibration for q in plan.quantize):

@@ -22,8 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+def prefect_env(home: Path, api_url: str | None = None, base: dict[str, str] | None = None,
+                **extra: str) -> dict[str, str]:
+    """``base`` (default: this process's environment) plus a private PREFECT_HOME, no analytics, quiet logs and
+    persisted results; with ``api_url`` the runs go to that server instead of an embedded one."""
+    env = {**(os.environ if base is None else base), "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", **extra}
     if api_url:
         env["PREFECT_API_URL"] = api_url

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import HELDOUT, REF_MODEL
+from prefect_server import prefect_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +33,7 @@ asyncio.run(main())
 
 
 def _env(tmp_path):
-    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+    return prefect_env(tmp_path / "prefect")
 
 
 def _run(tmp_path, params, run_dir):

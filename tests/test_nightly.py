@@ -4,7 +4,6 @@ ledger); a new commit is a new release."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -12,14 +11,14 @@ import pytest
 import yaml
 
 from conftest import HELDOUT, HUB_TOKEN
+from prefect_server import prefect_env
 
 pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path):
     """The Hub server's endpoint, but no HF_TOKEN: the token comes from the Prefect Secret block the plan names."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+    env = prefect_env(tmp_path / "prefect")
     env.pop("HF_TOKEN", None)
     return env
 

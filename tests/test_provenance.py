@@ -171,8 +171,9 @@ def test_fresh_clone_pull_and_reproduce_is_byte_identical(project):
 def test_the_prefect_flow_tracks_and_pushes_what_it_produced(tiny_model, tmp_path):
     """`turboquant run` inside a git + DVC project: the calibration set and the approved artifact end up in DVC's
     cache and the remote (run directories are git-ignored, so their pointers go under dvc/tracked/)."""
-    env = {**_env(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
+    from prefect_server import prefect_env
+
+    env = prefect_env(tmp_path / "prefect", base=_env(tmp_path))
     repo = tmp_path / "repo"
     repo.mkdir()
     sh(repo, env, "git", "init", "-q")

@@ -311,7 +311,7 @@ def plan(params: Path = typer.Argument(Path("params.yaml"), help="The plan (para
         local = Path(m["id"]).expanduser()
         typer.echo(f"model {m['id']}" + (f" @ {m['revision']}" if m.get("revision") else ""))
         results = p.check_formats(resolve_model(local).path) if local.is_dir() else None
-        typer.echo(f"  fetch → calibrate → baseline (pool cpu)")
+        typer.echo("  fetch → calibrate → baseline (pool cpu)")
         for q in p.quantize:
             pool = _pool_of(place_method, q.config.method)
             typer.echo(f"  quantize {q.name} (pool {pool}): {q.config.to_json()}")
@@ -357,9 +357,7 @@ def run(
                           "set evaluation.text to a held-out text file (e.g. ../shared/data/heldout/all.txt)")
     for m in plan.models:  # and so does an impossible (scheme, format) on a local model's real shapes
         if Path(m["id"]).expanduser().is_dir():
-            for name, label, err in plan.check_formats(Path(m["id"]).expanduser()):
-                if err is not None:
-                    raise ConfigError(f"{m['id']} {name} -> {label}: {err.problem}", err.fix)
+            plan.require_formats(Path(m["id"]).expanduser(), m["id"])
     if placement == "pools":
         from turboquant.placement import place_method
 

@@ -66,6 +66,17 @@ def _typed(section: str, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def read_yaml(path: str | Path, what: str, missing_fix: str) -> Any:
+    """The parsed YAML at ``path``; a missing file or a syntax error is a one-line ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist", missing_fix)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
+
+
 @dataclass(frozen=True)
 class FormatTarget:
     format: str
@@ -95,14 +106,7 @@ class Plan:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"plan file {path} does not exist", "pass the path of a params.yaml")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
-        return cls.from_dict(data or {})
+        return cls.from_dict(read_yaml(path, "plan file", "pass the path of a params.yaml") or {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -138,6 +142,12 @@ class Plan:
 
         Gates.from_dict(gates)  # validated now; defaults by bit width are applied per artifact
         return cls(models, calibration, evaluation, parsed, dict(gates), publish)
+
+    def require_formats(self, model_dir: Path, model: str) -> None:
+        """Raise for the first (quantization, format) ``model_dir``'s shapes make impossible, naming both."""
+        for name, label, err in self.check_formats(model_dir):
+            if err is not None:
+                raise ConfigError(f"{model} {name} -> {label}: {err.problem}", err.fix)
 
     def check_formats(self, model_dir: Path) -> list[tuple[str, str, TurboQuantError | None]]:
         """``(quantization, format label, error or None)`` for every combination on ``model_dir``'s shapes."""

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
+from turboquant.plan import read_yaml
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
@@ -29,7 +29,7 @@ def code_version() -> str:
 def plan_digest(plan: str | Path | dict[str, Any]) -> str:
     """sha256 of the plan's content (a params.yaml path or its parsed mapping), independent of key order and
     formatting; the ``models`` section is left out because the release key names the model itself."""
-    data = yaml.safe_load(Path(plan).read_text()) if isinstance(plan, (str, Path)) else plan
+    data = read_yaml(plan, "plan file", "pass the path of a params.yaml") if isinstance(plan, (str, Path)) else plan
     body = {k: v for k, v in (data or {}).items() if k != "models"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from turboquant.errors import ConfigError
 from turboquant.hub import check_repo_id
+from turboquant.plan import read_yaml
 
 REPO_KEYS = {"repo", "revision"}
 AUTHOR_KEYS = {"author", "name_contains", "limit"}
@@ -29,13 +28,7 @@ class WatchEntry:
 
 
 def load_watch(path: str | Path) -> tuple[WatchEntry, ...]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"watch list {path} does not exist", "pass the path of a watch.yaml (see deployments/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
+    data = read_yaml(path, "watch list", "pass the path of a watch.yaml (see deployments/)") or {}
     if not isinstance(data, dict) or set(data) != {"watch"} or not isinstance(data["watch"], list):
         raise ConfigError(f"{path} must hold one key 'watch' with a list of entries",
                           "write watch: [{repo: org/model}, {author: org, name_contains: text}]")
