@@ -24,7 +24,7 @@ How
   ``release_block``), the bytes of real (non-meta) parameters and buffers left in the runner's skeleton at that
   moment (checks that ``release_block`` really drops each block's weights), and the approximate per-phase peaks
   from a 5 ms sampler thread (phase = block i, then the non-block shard).
-* An import-floor child (torch + turboquant.quantize_checkpoint + methods + transformers' Llama, as the calibrated path loads)
+* An import-floor child (torch + turboquant.quantize.pipeline + methods + transformers' Llama, as the calibrated path loads)
   gives the RSS before any work.
 * Speed settings (memory is what is measured; they keep the run within ~10 minutes on a shared 2-core machine):
   ``torch.set_num_threads(1)`` in every child (``--threads``), and for AWQ a lighter search than its defaults
@@ -75,7 +75,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 CHILD_FLOOR = _RSS_HELPERS + r"""
 import torch
-import turboquant.quantize_checkpoint, turboquant.methods, turboquant.calibration, turboquant.sequential
+import turboquant.quantize.pipeline, turboquant.methods, turboquant.io.calibration, turboquant.quantize.runner
 import transformers
 import transformers.models.llama.modeling_llama
 print(json.dumps({"maxrss_kib": _maxrss_kib(), "status": _status()}))
@@ -85,9 +85,9 @@ print(json.dumps({"maxrss_kib": _maxrss_kib(), "status": _status()}))
 CHILD_CALIBRATED = _RSS_HELPERS + r"""
 import threading, time
 import torch
-import turboquant.quantize_checkpoint as Q
-import turboquant.sequential as S
-from turboquant.calibration import CalibrationRecipe, CalibrationSet
+import turboquant.quantize.pipeline as Q
+import turboquant.quantize.runner as S
+from turboquant.io.calibration import CalibrationRecipe, CalibrationSet
 from turboquant.methods import make_config
 
 args = json.loads(sys.argv[1])

@@ -1,4 +1,4 @@
-"""Engine-foundation benchmark: streaming memory and RTN throughput of ``turboquant.quantize_checkpoint``.
+"""Engine-foundation benchmark: streaming memory and RTN throughput of ``turboquant.quantize.pipeline``.
 
 Run ``.venv/bin/python benchmarks/foundation.py [--quick]``. Prints a Markdown table and writes
 ``benchmarks/results/foundation.json`` (``foundation-quick.json`` with ``--quick``).
@@ -77,7 +77,7 @@ def _maxrss_kib():
 CHILD_BUILD = _RSS_HELPERS + r"""
 import os, shutil, torch
 from pathlib import Path
-from turboquant.tiny import save_tiny_model
+from turboquant.io.tiny import save_tiny_model
 args = json.loads(sys.argv[1])
 final = Path(args.pop("path"))
 tmp = final.with_name(final.name + ".tmp-build")
@@ -89,7 +89,7 @@ print(json.dumps({"maxrss_kib": _maxrss_kib()}))
 
 CHILD_FLOOR = _RSS_HELPERS + r"""
 import torch
-import turboquant.quantize_checkpoint, turboquant.methods
+import turboquant.quantize.pipeline, turboquant.methods
 import safetensors.torch
 if json.loads(sys.argv[1]).get("transformers"):
     import transformers
@@ -101,13 +101,13 @@ print(json.dumps({"maxrss_kib": _maxrss_kib(), "status": _status(),
 # The measured run: nothing but imports, quantize(), getrusage.
 CHILD_QUANTIZE = _RSS_HELPERS + r"""
 import time
-import turboquant.quantize_checkpoint
+import turboquant.quantize.pipeline
 from turboquant.methods import make_config
 args = json.loads(sys.argv[1])
 before = _status()
 cfg = make_config("rtn", **args["scheme"])
 t0 = time.perf_counter()
-turboquant.quantize_checkpoint.quantize(args["model"], cfg, args["out"], overwrite=True, progress=False)
+turboquant.quantize.pipeline.quantize(args["model"], cfg, args["out"], overwrite=True, progress=False)
 elapsed = time.perf_counter() - t0
 print(json.dumps({"maxrss_kib": _maxrss_kib(), "before": before, "after": _status(), "seconds": elapsed,
                   "transformers_loaded": "transformers" in sys.modules}))
@@ -118,7 +118,7 @@ print(json.dumps({"maxrss_kib": _maxrss_kib(), "before": before, "after": _statu
 # /proc/self/clear_refs. A 1 ms sampler thread splits the (approximate) peak into anonymous and file-backed pages.
 CHILD_QUANTIZE_TRACE = _RSS_HELPERS + r"""
 import threading, time
-import turboquant.quantize_checkpoint as Q
+import turboquant.quantize.pipeline as Q
 from turboquant.methods import make_config
 args = json.loads(sys.argv[1])
 state = {"phase": -1, "stop": False}
@@ -166,10 +166,10 @@ import turboquant  # first, as the CLI does: it sets the OpenMP wait policy befo
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-import turboquant.quantize_checkpoint as Q
+import turboquant.quantize.pipeline as Q
 from turboquant.methods import make_config, get_method
-from turboquant.model import open_model, check_finite
-from turboquant.checkpoint import CheckpointWriter
+from turboquant.io.model import open_model, check_finite
+from turboquant.io.checkpoint import CheckpointWriter
 
 args = json.loads(sys.argv[1])
 if args.get("threads"):
@@ -433,7 +433,7 @@ def main() -> None:
         "rss": {
             "unit": "KiB (ru_maxrss of a fresh subprocess)",
             "floor_import_kib": floor_kib,
-            "floor_import_note": "torch + turboquant.quantize_checkpoint + turboquant.methods + safetensors (what the quantize "
+            "floor_import_note": "torch + turboquant.quantize.pipeline + turboquant.methods + safetensors (what the quantize "
                                  "child imports; transformers is not imported by quantize)",
             "floor_with_transformers_kib": floor_tf_kib,
             "floor_runs": floor, "floor_with_transformers_runs": floor_tf,
@@ -508,7 +508,7 @@ def render(r: dict, small_l: int, big_l: int) -> str:
         "",
         "| memory | value |",
         "|---|---|",
-        f"| import floor (torch + turboquant.quantize_checkpoint) | {f(rs['floor_import_kib'])} "
+        f"| import floor (torch + turboquant.quantize.pipeline) | {f(rs['floor_import_kib'])} "
         f"(anon {f(rs['floor_runs'][0]['status']['RssAnon'])} / file-backed "
         f"{f(rs['floor_runs'][0]['status']['RssFile'])}) |",
         f"| import floor + transformers | {f(rs['floor_with_transformers_kib'])} |",

@@ -4,7 +4,7 @@
 
 What it does, in order (every timed step runs alone, one after the other; all with the same torch thread count):
 
-1. builds the calibration set once with ``turboquant.calibration`` (128 windows x 512 tokens from calib/wiki.txt +
+1. builds the calibration set once with ``turboquant.io.calibration`` (128 windows x 512 tokens from calib/wiki.txt +
    calib/c4.txt, seed 0) under ``benchmarks/work/methods_vs_reference/`` and saves the very same windows as a
    ``datasets.Dataset`` (input_ids + attention_mask) for the reference tools;
 2. times our "unavoidable matrix work" for GPTQ: one forward of every block over the calibration set plus
@@ -106,7 +106,7 @@ def build_calibration(n_samples: int, seqlen: int):
     """Our calibration set, built once (reused when the recipe matches), and the same windows as a Dataset."""
     from datasets import Dataset, load_from_disk
 
-    from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration as build
+    from turboquant.io.calibration import CalibrationRecipe, CalibrationSet, build_calibration as build
 
     recipe = CalibrationRecipe(sources=tuple(str(p) for p in CALIB_SOURCES), n_samples=n_samples, seqlen=seqlen,
                                seed=0)
@@ -140,8 +140,8 @@ def build_calibration(n_samples: int, seqlen: int):
 def matrix_work(calib, batch_size: int) -> dict:
     """Block-sequential: embed, then per block one forward over all samples with ``H += xᵀx`` (float32) captured
     for the first linear of every input group (the linears of a group share H). No solve, no quantization."""
-    from turboquant.model import open_model
-    from turboquant.sequential import BlockRunner
+    from turboquant.io.model import open_model
+    from turboquant.quantize.runner import BlockRunner
 
     opened = open_model(MODEL)
     t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def matrix_work(calib, batch_size: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def run_ours(name: str, config, calib, batch_size: int) -> dict:
-    from turboquant.quantize_checkpoint import quantize
+    from turboquant.quantize.pipeline import quantize
 
     out = WORK / "out" / name
     t0 = time.perf_counter()
@@ -236,20 +236,19 @@ def gptq_breakdown(config, calib, batch_size: int) -> dict:
     """Where our GPTQ's time goes: the same quantize call with timers wrapped around its phases (a separate run;
     the timed rows above run unwrapped). Each phase counts its own time only: time spent in another timed phase
     called from inside it (XᵀX accumulation and the solver inside the staged block run) is counted there."""
-    import turboquant.quantize_checkpoint as tq_quantize
-    from turboquant import sequential
-    from turboquant.checkpoint import CheckpointWriter
-    from turboquant.methods import gptq
+    from turboquant.io.checkpoint import CheckpointWriter
+    from turboquant.quantize import gptq as gptq_block
+    from turboquant.quantize import runner as sequential
 
     phases = [
         (sequential.BlockRunner, "start", "start (embed)"),
         (sequential.BlockRunner, "load_block", "load_block"),
-        (tq_quantize, "run_staged", "staged block run: norms, attention, MLP, residuals (one pass)"),
+        (gptq_block, "run_staged", "staged block run: norms, attention, MLP, residuals (one pass)"),
         (sequential.BlockRunner, "capture", "capture forwards (re-run from block input)"),
         (sequential.InputStats, "add", "XᵀX accumulation"),
         (sequential.BlockRunner, "forward", "output forward (quantized block)"),
-        (gptq, "quantize_weight", "solve (gptq.quantize_weight)"),
-        (tq_quantize, "_set_weight", "set dequantized weight"),
+        (gptq_block, "quantize_weight", "solve (gptq.quantize_weight)"),
+        (gptq_block, "set_weight", "set dequantized weight"),
         (CheckpointWriter, "write_shard", "write shards"),
     ]
     acc = {key: 0.0 for _, _, key in phases}
@@ -331,7 +330,8 @@ def run_reference(tool: str, method: str, ds_path: Path, threads: int, batch_siz
 # ---------------------------------------------------------------------------------------------------------------
 
 def evaluate_all(outputs: dict[str, str], ctx: int, max_tokens: int | None = None) -> dict:
-    from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
+    from turboquant.quality.evaluate import evaluate_many
+    from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 
     ids = tokenize(load_tokenizer(MODEL), read_text(HELDOUT))
     if max_tokens:
@@ -486,7 +486,7 @@ def main() -> None:
     if 0 < args.awq_samples < calib.input_ids.shape[0]:
         from datasets import Dataset
 
-        from turboquant.calibration import CalibrationSet
+        from turboquant.io.calibration import CalibrationSet
 
         awq_calib = CalibrationSet(calib.input_ids[: args.awq_samples].clone(), calib.recipe,
                                    {**calib.provenance, "windows_used": f"first {args.awq_samples}"})
@@ -501,7 +501,7 @@ def main() -> None:
                              "awq_dataset_dir": str(awq_ds_path.relative_to(ROOT))}
 
     # warm the lazy imports our quantize path does (transformers' Llama modelling), so they are not timed
-    from turboquant.model import build_skeleton
+    from turboquant.io.model import build_skeleton
     build_skeleton(MODEL, dtype=torch.float32)
 
     runs: dict[str, dict] = {}

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from turboquant.calibration import CalibrationRecipe, build_calibration
-from turboquant.checkpoint import QuantizedCheckpoint
-from turboquant.evaluate import BaselineLogits, evaluate_many, load_model, load_tokenizer, read_text, tokenize
+from turboquant.io.calibration import CalibrationRecipe, build_calibration
+from turboquant.io.checkpoint import QuantizedCheckpoint
+from turboquant.quality.evaluate import BaselineLogits, evaluate_many
+from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
-from turboquant.mixed import measure_sensitivity, plan_bits
-from turboquant.model import open_model
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.sensitivity import measure_sensitivity, plan_bits
+from turboquant.io.model import open_model
+from turboquant.quantize.pipeline import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from turboquant.calibration import CalibrationRecipe, build_calibration
-from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
+from turboquant.io.calibration import CalibrationRecipe, build_calibration
+from turboquant.quality.evaluate import evaluate_many
+from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

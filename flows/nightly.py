@@ -1,7 +1,7 @@
 """Nightly (cron 02:00 UTC in deployments/prefect.yaml): watch list → new releases → quantize_model for each.
 
 A release is a watched repo's head commit. It is skipped when it was already processed for this plan and this code
-version: its key (``turboquant.release``) is in the local ledger of finished runs, or the Hub's commit history of
+version: its key (``release.keys``) is in the local ledger of finished runs, or the Hub's commit history of
 the plan's target repos carries the key of one of its artifacts. One release failing does not stop the others.
 """
 
@@ -13,8 +13,8 @@ from prefect import flow
 
 from flows.quantize_model import _publish_target, quantize_model
 from tasks.releases import find_releases, keys_on_hub, ledger_keys, record_release
-from turboquant.plan import Plan
-from turboquant.release import artifact_key, plan_digest, release_key
+from turboquant.pipeline.plan import Plan
+from turboquant.release.keys import plan_digest, release_artifact_key, release_key
 
 LEDGER = "processed.jsonl"
 
@@ -31,7 +31,7 @@ def nightly(watch: str = "deployments/watch.yaml", params: str = "params.yaml", 
     for r in find_releases(watch):
         key = release_key(r["sha"], plan_sha)
         name = r["repo_id"].split("/")[-1]
-        planned = {artifact_key(key, f"{q.name}-{t.label}") for q in plan.quantize for t in q.formats}
+        planned = {release_artifact_key(key, f"{q.name}-{t.label}") for q in plan.quantize for t in q.formats}
         targets = sorted({t["repo_id"] for q in plan.quantize for f in q.formats
                           if (t := _publish_target(plan.publish, name, f.format, q))})
         if key in done or (targets and planned & set(keys_on_hub(targets))):

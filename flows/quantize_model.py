@@ -2,7 +2,7 @@
 suits it) → per artifact, in one transaction: export → validate in its runtime → gate → publish → report →
 record the calibration set and the approved artifacts in DVC (when the run directory is inside a DVC repo).
 
-The plan is validated before any task runs (``turboquant.plan``), so an impossible combination never starts a
+The plan is validated before any task runs (``pipeline.plan``), so an impossible combination never starts a
 quantization. Tasks pass paths; their results are cached by their inputs and source, so re-running an unchanged
 plan redoes nothing. An artifact whose gate fails (or whose publish fails) is rolled back: its directory is
 removed, its verdict stays in ``eval/`` and the report, and nothing else is affected.
@@ -27,9 +27,10 @@ from tasks.provenance import track_outputs
 from tasks.publish import publish_artifact
 from tasks.quantization import quantize_checkpoint
 from turboquant.methods import get_method
-from turboquant.placement import place_method
-from turboquant.plan import Plan
-from turboquant.release import artifact_key, plan_digest, release_key
+from turboquant.pipeline.placement import place_method
+from turboquant.pipeline.plan import ModelEntry, Plan, PublishSection
+from turboquant.release.keys import plan_digest, release_artifact_key, release_key
+from turboquant.release.publish import repo_name_for
 
 
 class GateFailed(Exception):
@@ -44,21 +45,21 @@ def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest", pl
     ``models`` replaces the plan's models (the nightly job passes the release it found)."""
     plan = Plan.from_yaml(params)
     if models is not None:
-        plan = dataclasses.replace(plan, models=tuple(models))
+        plan = dataclasses.replace(plan, models=tuple(ModelEntry.from_dict(m) for m in models))
     run = Path(run_dir).resolve()
     on_pools = placement == "pools" or (placement == "auto" and _is_deployment_run())
     plan_sha = plan_digest(params)
     verdicts = []
     for m in plan.models:
-        source = fetch_model(m["id"], m.get("revision"))
-        model_dir, name = source["path"], _model_name(m["id"], source["path"])
-        plan.require_formats(Path(model_dir), m["id"])
+        source = fetch_model(m.id, m.revision)
+        model_dir, name = source["path"], _model_name(m.id, source["path"])
+        plan.require_formats(Path(model_dir), m.id)
         out = run / name
         calib = None
         if any(get_method(q.config.method).needs_calibration for q in plan.quantize):
-            calib = build_calibration_set.submit(model_dir, plan.calibration, str(out / "calibration.safetensors"))
-        baseline = compute_baseline.submit(model_dir, plan.evaluation["text"], plan.evaluation.get("ctx", 512),
-                                           plan.evaluation.get("max_tokens"), str(out / "baseline.safetensors"))
+            calib = build_calibration_set.submit(model_dir, plan.calibration.to_dict(), str(out / "calibration.safetensors"))
+        baseline = compute_baseline.submit(model_dir, plan.evaluation.text, plan.evaluation.ctx,
+                                           plan.evaluation.max_tokens, str(out / "baseline.safetensors"))
         quantized = {}
         for q in plan.quantize:
             args = (model_dir, q.config.to_json(), calib if get_method(q.config.method).needs_calibration else None,
@@ -71,9 +72,9 @@ def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest", pl
             for target in q.formats:
                 label = f"{q.name}-{target.label}"
                 shipped[label] = ship_artifact.submit(
-                    quantized[q.name], target.format, target.options, model_dir, plan.evaluation, plan.gates,
+                    quantized[q.name], target.format, target.options, model_dir, plan.evaluation.to_dict(), plan.gates,
                     baseline, str(out / "artifacts" / label), str(out / "eval" / f"{label}.json"),
-                    _publish_target(plan.publish, name, target.format, q), artifact_key(release, label))
+                    _publish_target(plan.publish, name, target.format, q), release_artifact_key(release, label))
         wait(list(shipped.values()))
         model_verdicts = [_verdict(out / "artifacts" / label, f) for label, f in shipped.items()]
         if any(v.get("validation") for v in model_verdicts):
@@ -107,14 +108,12 @@ def ship_artifact(qdir: str, fmt: str, options: dict, model_dir: str, evaluation
     return verdict
 
 
-def _publish_target(publish: dict, model_name: str, fmt: str, q) -> dict | None:
-    if not publish.get("enabled"):
+def _publish_target(publish: PublishSection, model_name: str, fmt: str, q) -> dict | None:
+    if not publish.enabled:
         return None
-    from turboquant.hub import repo_name_for
-
     bits = getattr(getattr(q.config, "scheme", None), "bits", None)
-    return {"repo_id": repo_name_for(model_name, fmt, bits, publish["namespace"], publish.get("naming")),
-            "private": bool(publish.get("private", False)), "token_secret": publish.get("token_secret")}
+    return {"repo_id": repo_name_for(model_name, fmt, bits, publish.namespace, publish.naming),
+            "private": publish.private, "token_secret": publish.token_secret}
 
 
 def _model_name(model_id: str, path: str) -> str:

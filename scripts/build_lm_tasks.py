@@ -1,4 +1,4 @@
-"""Build the two example lm-eval tasks shipped in src/turboquant/lm_tasks from ../shared held-out text.
+"""Build the two example lm-eval tasks shipped in src/turboquant/quality/lm_tasks from ../shared held-out text.
 
     python scripts/build_lm_tasks.py      # rewrites the JSONL files (deterministic: seed 0)
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "heldout"
-OUT = ROOT / "src" / "turboquant" / "lm_tasks"
+OUT = ROOT / "src" / "turboquant" / "quality" / "lm_tasks"
 
 
 def sentences(text: str) -> list[str]:

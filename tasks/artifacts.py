@@ -12,11 +12,13 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from tasks.progress import STEP_HOOKS
 from turboquant import faults
-from turboquant.evaluate import BaselineLogits, load_model, load_tokenizer, read_text, tokenize
+from turboquant.quality.evaluate import BaselineLogits
+from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 from turboquant.formats import export
-from turboquant.gates import Gates
-from turboquant.report import write_report
-from turboquant.validate import artifact_bits, validate, write_validation
+from turboquant.pipeline.plan import EvaluationSection
+from turboquant.quality.gates import Gates
+from turboquant.quality.report import write_report
+from turboquant.quality.validate import recorded_bits, validate, write_validation
 
 
 @task(name="export", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
@@ -53,10 +55,10 @@ def compute_baseline(model_dir: str, text: str, ctx: int, max_tokens: int | None
 def validate_artifact(artifact: str, model_dir: str, evaluation: dict, gates: dict, baseline: str, out: str) -> dict:
     """Metrics and verdict (also written to ``out``); the verdict's ``passed`` decides publishing."""
     faults.point("task.validate.start")
-    g = Gates.for_bits(artifact_bits(Path(artifact)) or 16, **gates)
-    metrics = validate(artifact, model_dir, evaluation["text"], ctx=evaluation.get("ctx", 512),
-                       max_tokens=evaluation.get("max_tokens"), tasks=tuple(evaluation.get("tasks") or ()),
-                       task_limit=evaluation.get("task_limit"), gates=g, baseline_cache=baseline)
+    g = Gates.for_bits(recorded_bits(Path(artifact)) or 16, **gates)
+    ev = EvaluationSection.from_dict(evaluation)
+    metrics = validate(artifact, model_dir, ev.text, ctx=ev.ctx, max_tokens=ev.max_tokens, tasks=tuple(ev.tasks or ()),
+                       task_limit=ev.task_limit, gates=g, baseline_cache=baseline)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_validation(metrics, out)
     faults.point("task.validate.end")

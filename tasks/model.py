@@ -7,7 +7,7 @@ from prefect import task
 from tasks.progress import STEP_HOOKS
 
 from turboquant import faults
-from turboquant.model import resolve_model
+from turboquant.io.model import resolve_model
 
 
 @task(name="fetch-model", retries=2, retry_delay_seconds=[10, 60], **STEP_HOOKS)

@@ -6,7 +6,7 @@ import os
 
 from prefect import get_run_logger, task
 
-from turboquant.provenance import Dvc, find_dvc_root
+from turboquant.release.dvc import Dvc, find_dvc_root
 
 
 @task(name="track-outputs", retries=2, retry_delay_seconds=[5, 30])

@@ -18,7 +18,7 @@ def hub_token(secret_block: str | None) -> str | None:
 def publish_artifact(artifact: str, validation: str, repo_id: str, private: bool, idempotency_key: str,
                      token_secret: str | None = None) -> dict:
     """``{"repo_id", "commit", "created", "url"}``; an identical artifact already on the Hub creates no commit."""
-    from turboquant.hub import publish
+    from turboquant.release.publish import publish
 
     result = publish(artifact, repo_id, validation=validation, private=private, token=hub_token(token_secret),
                      idempotency_key=idempotency_key)

@@ -11,8 +11,8 @@ from tasks.progress import STEP_HOOKS
 
 from turboquant import faults
 from turboquant.methods import make_config
-from turboquant.provenance import load_calibration
-from turboquant.quantize_checkpoint import quantize
+from turboquant.io.calibration import load_calibration
+from turboquant.quantize.pipeline import quantize
 
 
 @task(name="quantize", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **STEP_HOOKS)

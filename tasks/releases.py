@@ -7,8 +7,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from turboquant.hub import latest_commit, list_watch, published_keys
-from turboquant.watch import load_watch
+from turboquant.io.hub import latest_commit, list_watch
+from turboquant.release.publish import published_keys
+from turboquant.release.watch import load_watch
 
 
 @task(name="find-releases", retries=3, retry_delay_seconds=[10, 60, 300])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from turboquant.tiny import save_tiny_model
+from turboquant.io.tiny import save_tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF_MODEL = SHARED / "models" / "tq-ref-llama"
@@ -66,7 +66,7 @@ def splice(base: Path, other: Path, out: Path, layer: int) -> Path:
     import json
     import shutil
 
-    from turboquant.checkpoint import METADATA_FILE
+    from turboquant.io.checkpoint import METADATA_FILE
 
     shutil.copytree(base, out)
     shard = sorted(p.name for p in other.glob("model-*.safetensors"))[layer]
@@ -81,9 +81,9 @@ def splice(base: Path, other: Path, out: Path, layer: int) -> Path:
 @pytest.fixture(scope="session")
 def refused(tmp_path_factory):
     """Checkpoints grouped formats (MLX, ONNX) cannot hold: per-channel over 96 / 192 inputs, GPTQ act-order."""
-    from turboquant.calibration import CalibrationRecipe, build_calibration
+    from turboquant.io.calibration import CalibrationRecipe, build_calibration
     from turboquant.methods import make_config
-    from turboquant.quantize_checkpoint import quantize
+    from turboquant.quantize.pipeline import quantize
 
     root = tmp_path_factory.mktemp("refused")
     wide = save_tiny_model(root / "wide", hidden=96, intermediate=192, layers=1, heads=4, kv_heads=2, vocab=512)
@@ -105,7 +105,7 @@ def hub_server(tmp_path, monkeypatch):
     turboquant's Hub retries use tiny delays."""
     from hub_server import HubServer, configure_client
 
-    import turboquant.hub as hub
+    import turboquant.io.hub as hub
 
     server = HubServer(token=HUB_TOKEN).start()
     configure_client(monkeypatch, server, tmp_path / "hf-home", HUB_TOKEN)

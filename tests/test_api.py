@@ -121,7 +121,7 @@ def test_dynamic_int8_and_bnb_take_any_module():
 
 
 def test_model_given_as_a_directory_and_save_dir(tiny, tiny_model, tmp_path):
-    from turboquant.checkpoint import QuantizedCheckpoint
+    from turboquant.io.checkpoint import QuantizedCheckpoint
 
     model, ids, ref = tiny
     from_dir = turboquant.quantize(tiny_model, method="rtn", bits=4, group_size=32, save_dir=tmp_path / "q")
@@ -184,7 +184,7 @@ def test_dispatcher_errors_name_the_valid_choices(tiny):
 
 def test_plan_and_cli_refuse_methods_without_a_checkpoint(tiny_model, tmp_path):
     from turboquant.methods import make_config
-    from turboquant.plan import Plan
+    from turboquant.pipeline.plan import Plan
 
     with pytest.raises(ConfigError, match="turboquant.quantize"):
         make_config("int8-dynamic")

@@ -8,9 +8,10 @@ import torch
 
 from turboquant.errors import ConfigError
 from turboquant.methods import METHODS, make_config
-from turboquant.methods.awq import AwqConfig, quantize_weight, transform_block
+from turboquant.methods.awq import AwqConfig, quantize_weight
+from turboquant.quantize.awq import transform_block
 from turboquant.methods.rtn import rtn_quantize
-from turboquant.model import ARCHITECTURES
+from turboquant.io.arch import ARCHITECTURES
 from turboquant.tensor import QuantizedTensor, group_view
 
 ARCH = ARCHITECTURES["llama"]
@@ -32,7 +33,7 @@ def layer(request):
     """Layer 0 of a tiny random Llama (4 heads; 4 KV heads: v->o folds, 2: GQA, v->o skipped), calib + held-out."""
     from transformers import AutoModelForCausalLM
 
-    from turboquant.tiny import tiny_config
+    from turboquant.io.tiny import tiny_config
 
     torch.manual_seed(0)
     config = tiny_config(hidden=128, intermediate=256, layers=1, heads=4, kv_heads=request.param)

@@ -13,9 +13,9 @@ import turboquant
 from conftest import HELDOUT, REF_MODEL
 from turboquant.cli import app
 from turboquant.errors import OutputError
-from turboquant.methods.bnb import artifact_bits, artifact_quantization
-from turboquant.runtimes import artifact_format, open_runtime
-from turboquant.validate import validate
+from turboquant.quality.bnb import artifact_quantization, bnb_bits_per_weight
+from turboquant.quality.runtimes import artifact_format, open_runtime
+from turboquant.quality.validate import validate
 
 
 def _linear(model, kind: str):
@@ -46,7 +46,7 @@ def test_save_reload_through_transformers(tiny_model, tmp_path, method, options,
     with torch.inference_mode():
         assert torch.equal(q(ids).logits, again(ids).logits)
     lo, hi = bits
-    assert lo - 1e-9 <= artifact_bits(out) <= hi + 1e-9
+    assert lo - 1e-9 <= bnb_bits_per_weight(out) <= hi + 1e-9
     assert artifact_format(out) == "bitsandbytes" and artifact_format(tiny_model) == "hf"
     with pytest.raises(OutputError, match="already exists"):
         turboquant.quantize(tiny_model, method=method, save_dir=out, **options)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration, check_vocab, read_documents
+from turboquant.io.calibration import (CalibrationRecipe, CalibrationSet, build_calibration, check_vocab, read_documents)
 from turboquant.errors import ConfigError, DataError
 
 from conftest import CALIB, REF_MODEL
@@ -28,7 +28,7 @@ def test_same_recipe_gives_same_bytes(tmp_path):
 
 
 def test_windows_are_slices_of_the_tokenized_text():
-    from turboquant.evaluate import load_tokenizer
+    from turboquant.io.loaders import load_tokenizer
 
     recipe = CalibrationRecipe((str(CALIB / "tiny.txt"),), n_samples=4, seqlen=32, seed=0)
     calib = build_calibration(recipe, REF_MODEL)

@@ -51,7 +51,7 @@ def test_quantize_then_eval_with_baseline(tmp_path, tiny_model, heldout_text):
         (["--method", "nope"], "unknown method 'nope'"),
         (["--method", "fp16", "--bits", "4"], "method 'fp16' takes no --bits"),
         (["--option", "mse_grid"], "is not key=value"),
-        (["--option", "colour=blue"], "unknown option(s) ['colour']"),
+        (["--option", "colour=blue"], "unknown option(s) colour for method"),
     ],
 )
 def test_bad_quantize_input_is_one_line_error_and_no_output(tmp_path, tiny_model, args, needle):
@@ -76,7 +76,7 @@ def test_eval_missing_text(tiny_model, tmp_path):
 
 
 def test_calibrate_then_gptq_quantize(tmp_path, tiny_model):
-    from turboquant.calibration import CalibrationSet
+    from turboquant.io.calibration import CalibrationSet
 
     from conftest import CALIB
 

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from turboquant.errors import DataError
-from turboquant.evaluate import Window, evaluate, evaluate_paths, load_model, load_tokenizer, read_text, tokenize, windows
+from turboquant.quality.evaluate import Window, evaluate, evaluate_paths, windows
+from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 
 
 def test_windows_non_overlapping_drop_the_tail():
@@ -89,7 +90,7 @@ def test_text_errors(tmp_path):
 
 
 def test_evaluate_paths_refuses_mismatched_baseline(tmp_path, tiny_model, heldout_text):
-    from turboquant.tiny import save_tiny_model
+    from turboquant.io.tiny import save_tiny_model
 
     other = save_tiny_model(tmp_path / "other", hidden=64, intermediate=128, layers=1, vocab=512,
                             tokenizer_from=tiny_model)
@@ -100,9 +101,10 @@ def test_evaluate_paths_refuses_mismatched_baseline(tmp_path, tiny_model, heldou
 def test_saved_baseline_topk_kl_matches_the_exact_kl(tmp_path):
     """A baseline saved once (float16 log-probs) gives the same perplexities and top-1, and KL within 1 %."""
     from conftest import HELDOUT, REF_MODEL
-    from turboquant.evaluate import BaselineLogits, evaluate_many, load_model, load_tokenizer, read_text, tokenize
+    from turboquant.quality.evaluate import BaselineLogits, evaluate_many
+    from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
     from turboquant.methods import make_config
-    from turboquant.quantize_checkpoint import quantize
+    from turboquant.quantize.pipeline import quantize
 
     ids = tokenize(load_tokenizer(REF_MODEL), read_text(HELDOUT))[:4096]
     base = load_model(REF_MODEL)

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from turboquant.calibration import CalibrationRecipe, build_calibration
-from turboquant.checkpoint import QuantizedCheckpoint
-from turboquant.evaluate import evaluate, load_model, load_tokenizer, tokenize
+from turboquant.io.calibration import CalibrationRecipe, build_calibration
+from turboquant.io.checkpoint import QuantizedCheckpoint
+from turboquant.quality.evaluate import evaluate
+from turboquant.io.loaders import load_model, load_tokenizer, tokenize
 from turboquant.formats import FormatError, export
-from turboquant.formats.gguf import read_state_dict, tensor_types
-from turboquant.imatrix import compute_imatrix, read_imatrix, write_imatrix
+from turboquant.formats.gguf.read import read_state_dict, tensor_types
+from turboquant.formats.gguf.imatrix import compute_imatrix, read_imatrix, write_imatrix
 from turboquant.methods import make_config
-from turboquant.model import build_skeleton, materialize
-from turboquant.quantize_checkpoint import quantize
+from turboquant.io.model import build_skeleton, materialize
+from turboquant.quantize.pipeline import quantize
 
 from conftest import CALIB, HELDOUT, REF_MODEL, WIKITEXT
 
@@ -216,7 +217,7 @@ def assert_holds(qt, weight: torch.Tensor) -> None:
 @pytest.mark.parametrize("qtype,method,scheme", NATIVE_CASES,
                          ids=[f"{t}-{m}-g{s['group_size']}" for t, m, s in NATIVE_CASES])
 def test_native_fit_packs_codes_exactly(tiny_model, tmp_path, qtype, method, scheme):
-    from turboquant.formats.gguf_model import NameMap
+    from turboquant.formats.gguf.model import NameMap
 
     qdir = quantize(tiny_model, make_config(method, **scheme), tmp_path / "q", progress=False)
     expand = scheme["group_size"] != 32
@@ -413,7 +414,7 @@ def check_packed(qdir, qtype, wiki_ids, out):
 def test_k_quants_with_imatrix_run_in_llama_cpp(ref_fp16, calib, calib_file, wiki_ids, work, qtype):
     imatrix_path = work / "ref.imatrix.gguf"
     if not imatrix_path.exists():
-        from turboquant.formats.gguf_model import NameMap
+        from turboquant.formats.gguf.model import NameMap
 
         names = NameMap(json.loads((REF_MODEL / "config.json").read_text()))
         write_imatrix(imatrix_path, compute_imatrix(ref_fp16, calib).renamed(lambda n: names.gguf_name(n + ".weight")))
@@ -431,7 +432,7 @@ def test_k_quants_with_imatrix_run_in_llama_cpp(ref_fp16, calib, calib_file, wik
 
 def test_imatrix_reaches_llama_cpp_quantizer(ref_fp16, ref_config, calib, work):
     """With the imatrix, llama.cpp's K-quant error weighted by E[x²] is lower than without it."""
-    from turboquant.formats.gguf_model import NameMap
+    from turboquant.formats.gguf.model import NameMap
 
     names = NameMap(ref_config)
     imatrix = compute_imatrix(ref_fp16, calib).renamed(lambda n: names.gguf_name(n + ".weight"))
@@ -462,7 +463,7 @@ def test_imatrix_reaches_llama_cpp_quantizer(ref_fp16, ref_config, calib, work):
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
 def test_other_architectures_match_in_llama_cpp(model_type, tmp_path):
-    from turboquant.tiny import save_tiny_model
+    from turboquant.io.tiny import save_tiny_model
 
     src = save_tiny_model(tmp_path / model_type, model_type=model_type, hidden=256, intermediate=512, layers=2,
                           heads=4, kv_heads=2, vocab=4096, tokenizer_from=REF_MODEL, init_std=0.08)
@@ -493,7 +494,7 @@ ROPE_VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
 def test_rope_scaling_matches_in_llama_cpp(variant, tmp_path):
     """Linear RoPE scaling (metadata) and Llama 3.1's per-frequency factors (``rope_freqs.weight``)."""
-    from turboquant.tiny import save_tiny_model
+    from turboquant.io.tiny import save_tiny_model
 
     src = save_tiny_model(tmp_path / "m", model_type="llama", hidden=256, intermediate=512, layers=2, heads=4,
                           kv_heads=2, vocab=4096, tokenizer_from=REF_MODEL, init_std=0.08)
@@ -517,7 +518,7 @@ K_BASE = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", 
 @pytest.fixture(scope="module")
 def wide_tiny(work):
     """A random Llama whose rows are all multiples of 256, so every K-quant applies without fallbacks."""
-    from turboquant.tiny import save_tiny_model
+    from turboquant.io.tiny import save_tiny_model
 
     src = save_tiny_model(work / "wide", model_type="llama", hidden=256, intermediate=512, layers=2, heads=4,
                           kv_heads=2, vocab=4096, tokenizer_from=REF_MODEL, init_std=0.08)

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import splice
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats import FormatError, export
 from turboquant.formats.mlx import MLX_BITS, MLX_GROUP_SIZES
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 from turboquant.tensor import pack_words
-from turboquant.tiny import save_tiny_model
+from turboquant.io.tiny import save_tiny_model
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -192,7 +192,7 @@ def test_trained_reference_model_logits(ref_model, heldout_text, tmp_path):
     """On the trained reference model (|logits| up to ~16), 64 held-out tokens (mlx's float16 kernels are slow on
     x86: ~0.4 s a token here). Measured on 256 tokens: max |logit diff| 1.9e-5 (float32 artifact) and 7.6e-2
     (float16: float16 activations), top-1 agreement 100% in both."""
-    from turboquant.evaluate import load_tokenizer
+    from turboquant.io.loaders import load_tokenizer
 
     qdir = quantize(ref_model, make_config("rtn", bits=4, group_size=128, symmetric=False), tmp_path / "q",
                     progress=False)

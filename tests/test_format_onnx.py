@@ -8,16 +8,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import splice
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats import FormatError, export
 from turboquant.formats.onnx import (
     DATA_FILE, MODEL_FILE, ORT_CPU_BITS, ORT_FLOAT_ZERO_BITS, block_size, build_model, pack_module,
 )
 from turboquant.fsutil import sha256_file
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 from turboquant.tensor import QuantizedTensor, QuantScheme
-from turboquant.tiny import save_tiny_model
+from turboquant.io.tiny import save_tiny_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -238,7 +238,7 @@ def test_impossible_combinations_fail_before_any_work(qdirs, refused, tmp_path, 
 def test_trained_reference_model_logits(ref_model, heldout_text, tmp_path):
     """On the trained reference model (|logits| up to ~16), 256 held-out tokens. Measured: max |logit diff| 2.0e-5,
     top-1 agreement 100%."""
-    from turboquant.evaluate import load_tokenizer
+    from turboquant.io.loaders import load_tokenizer
 
     qdir = quantize(ref_model, make_config("rtn", bits=4, group_size=128, symmetric=False), tmp_path / "q",
                     progress=False)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import HELDOUT, REF_MODEL
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats import export
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ TOP1_MIN = 0.98     # next-token argmax agreement
 
 @pytest.fixture(scope="module")
 def ids():
-    from turboquant.evaluate import load_tokenizer, read_text, tokenize
+    from turboquant.io.loaders import load_tokenizer, read_text, tokenize
 
     return tokenize(load_tokenizer(REF_MODEL), read_text(HELDOUT))[:512].reshape(2, 256)
 
@@ -83,7 +83,7 @@ def test_gptq_loads_in_transformers_gptqmodel(qroot, tmp_path, ids, name, method
 
 def test_gptq_act_order_g_idx_loads(tmp_path, tiny_model, ids):
     """Real GPTQ with act-order (dynamic groups: g_idx is not monotone) through GPTQModel's kernel."""
-    from turboquant.calibration import CalibrationRecipe, CalibrationSet
+    from turboquant.io.calibration import CalibrationRecipe, CalibrationSet
 
     calib_ids = torch.randint(3, 4096, (8, 64), generator=torch.Generator().manual_seed(0))
     calib = CalibrationSet(calib_ids, CalibrationRecipe(("synthetic",), n_samples=8, seqlen=64))

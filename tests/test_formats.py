@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.cli import app
 from turboquant.formats import FormatError, export
 from turboquant.fsutil import sha256_file
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,7 +172,7 @@ def test_manifest_and_carried_files(qdirs, tmp_path, tiny_model):
 
 
 def test_manifest_verification_names_a_modified_file(qdirs, tmp_path):
-    from turboquant.manifest import verify_files
+    from turboquant.io.manifest import verify_files
 
     out = export(qdirs["w4g32sym"], "awq", tmp_path / "a")
     assert set(verify_files(out).values()) == {"ok"}

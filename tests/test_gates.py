@@ -3,7 +3,7 @@ import json
 import pytest
 
 from turboquant.errors import ConfigError
-from turboquant.gates import Gates, judge
+from turboquant.quality.gates import Gates, judge
 
 
 def test_defaults_by_bit_width():

@@ -17,13 +17,11 @@ from conftest import HUB_TOKEN
 from turboquant.cli import app
 from turboquant.errors import ConfigError, ModelLoadError, PublishError
 from turboquant.formats import export
-from turboquant.gates import Gates, judge
-from turboquant.hub import (
-    RetryPolicy, artifact_key, fetch_snapshot, idempotency_key, latest_commit, list_watch, publish, published_keys,
-    repo_name_for,
-)
+from turboquant.quality.gates import Gates, judge
+from turboquant.io.hub import RetryPolicy, fetch_snapshot, latest_commit, list_watch
+from turboquant.release.publish import manifest_key, idempotency_key, publish, published_keys, repo_name_for
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = "tq-org/tiny-llama"
@@ -95,7 +93,7 @@ def test_idempotency_key_changes_with_each_input(run):
     assert len({base, idempotency_key("b" * 40, "p", "0.1.0", "f"), idempotency_key("a" * 40, "q", "0.1.0", "f"),
                 idempotency_key("a" * 40, "p", "0.2.0", "f"), idempotency_key("a" * 40, "p", "0.1.0", "g")}) == 5
     m4, m8 = (json.loads((run[k] / "manifest.json").read_text()) for k in ("gguf-Q4_0", "gguf-Q8_0"))
-    assert artifact_key(m4) == artifact_key(json.loads(json.dumps(m4))) != artifact_key(m8)
+    assert manifest_key(m4) == manifest_key(json.loads(json.dumps(m4))) != manifest_key(m8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,7 +136,7 @@ def test_fetch_errors_are_one_line_with_the_fix(hub_server, tiny_model, monkeypa
         fetch_snapshot("tq-org/gated")
     with pytest.raises(ModelLoadError, match="revision 'nope' does not exist"):
         fetch_snapshot(BASE, revision="nope")
-    import turboquant.hub as hub
+    import turboquant.io.hub as hub
 
     monkeypatch.setattr(hub, "_free_bytes", lambda path: 1000)
     before = hub_server.state.count("GET", "/resolve/")
@@ -318,7 +316,7 @@ def test_dry_run_prints_the_card_and_files_and_contacts_nobody(hub_server, run):
 
 def test_fetch_quantize_export_publish_end_to_end(hub_server, tiny_model, tmp_path):
     """A Hub model in, a published GGUF out: base_model, license and the pinned revision come from the source."""
-    from turboquant.model import resolve_model
+    from turboquant.io.model import resolve_model
 
     sha = _source_repo(hub_server, tiny_model)
     source = resolve_model(BASE)

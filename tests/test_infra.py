@@ -77,7 +77,7 @@ def test_prefect_yaml_deploys_both_flows_with_the_nightly_cron(prefect_yaml):
     for d in deployments.values():
         path, func = d["entrypoint"].split(":")
         assert f"def {func}(" in (ROOT / path).read_text()
-    from turboquant.placement import METHOD_DEPLOYMENT, POOL_FOR_DEVICE
+    from turboquant.pipeline.placement import METHOD_DEPLOYMENT, POOL_FOR_DEVICE
 
     for pool in POOL_FOR_DEVICE.values():
         flow_name, name = METHOD_DEPLOYMENT.format(pool=pool).split("/")

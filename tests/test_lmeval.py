@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import REF_MODEL
-from turboquant.evaluate import load_model, load_tokenizer
-from turboquant.lmeval import LOCAL_TASKS, ScorerLM, run_tasks
+from turboquant.io.loaders import load_model, load_tokenizer
+from turboquant.quality.lmeval import LOCAL_TASKS, ScorerLM, run_tasks
 
 
 class _Req:

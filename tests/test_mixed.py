@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from conftest import CALIB, HELDOUT, REF_MODEL
-from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.calibration import CalibrationRecipe, CalibrationSet, build_calibration
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.errors import ConfigError
 from turboquant.formats import FormatError, export
 from turboquant.methods import make_config
 from turboquant.methods.gptq import GptqConfig
 from turboquant.methods.mixed import MixedPrecisionConfig
-from turboquant.mixed import allocate, bits_per_weight, module_cost
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.sensitivity import allocate, bits_per_weight, module_cost
+from turboquant.quantize.pipeline import quantize
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,8 @@ def test_checkpoint_records_the_plan_per_module(mixed_dirs):
 
 def test_mixed_beats_uniform_kl_on_the_trained_model(tmp_path):
     """tq-ref-llama, RTN g128 asym: mixed at uniform 3-bit's bits per weight has a lower KL than uniform 3-bit."""
-    from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
+    from turboquant.quality.evaluate import evaluate_many
+    from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 
     sources = (str(CALIB / "wiki.txt"), str(CALIB / "c4.txt"))
     calib = build_calibration(CalibrationRecipe(sources, n_samples=4, seqlen=512), REF_MODEL)
@@ -206,8 +207,8 @@ def test_mlx_per_layer_quantization_loads_in_mlx_lm(mixed_dirs, tmp_path):
 
 def test_gguf_per_tensor_types_run_in_llama_cpp(mixed_dirs, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from turboquant.formats.gguf import tensor_types
-    from turboquant.formats.gguf_model import NameMap
+    from turboquant.formats.gguf.read import tensor_types
+    from turboquant.formats.gguf.model import NameMap
 
     qdir = mixed_dirs["gguf"]
     ckpt = QuantizedCheckpoint.open(qdir)

@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from turboquant.errors import ModelLoadError
-from turboquant.hub import check_repo_id
-from turboquant.model import ARCHITECTURES, LazyCheckpoint, open_model, resolve_model
-from turboquant.tiny import save_tiny_model
+from turboquant.io.hub import check_repo_id
+from turboquant.io.arch import ARCHITECTURES
+from turboquant.io.model import LazyCheckpoint, open_model, resolve_model
+from turboquant.io.tiny import save_tiny_model
 
 from conftest import REF_MODEL
 

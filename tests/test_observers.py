@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from turboquant.errors import ConfigError, DataError
-from turboquant.observers import (
-    EntropyObserver, MinMaxObserver, MseObserver, PercentileObserver, _kl_for_threshold, make_observer,
-)
+from turboquant.methods.observers import (EntropyObserver, MinMaxObserver, MseObserver, PercentileObserver, _kl_for_threshold, make_observer)
 
 
 def test_minmax_per_tensor_and_per_channel_accumulate_over_batches():

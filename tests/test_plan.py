@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from conftest import CALIB, REF_MODEL
 from turboquant.cli import app
 from turboquant.errors import ConfigError
-from turboquant.plan import Plan
+from turboquant.pipeline.plan import Plan
 
 
 def _params(tmp_path, quantize, **extra):
@@ -71,7 +71,7 @@ def test_the_repository_params_yaml_is_a_valid_plan(monkeypatch):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # its paths are relative to the repository, as `turboquant run` is started there
     p = Plan.from_yaml(root / "params.yaml")
-    results = p.check_formats(Path(p.models[0]["id"]))
+    results = p.check_formats(Path(p.models[0].id))
     assert len(results) == 9 and all(err is None for _, _, err in results), [e for *_, e in results if e]
 
 

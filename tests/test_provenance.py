@@ -87,7 +87,7 @@ def test_repro_runs_every_stage_and_records_manifests(project):
         "evaluate@tiny-llama--gptq4--gguf-Q4_0", "evaluate@tiny-llama--rtn8--gguf-Q8_0", "report"}
     m = json.loads((repo / "pipeline/tiny-llama/artifacts/gptq4-gguf-Q4_0/manifest.json").read_text())
     calib = repo / "pipeline/tiny-llama/calibration.safetensors"
-    from turboquant.provenance import md5_file
+    from turboquant.io.provenance import md5_file
 
     assert m["calibration"]["dvc_md5"] == md5_file(calib) and m["calibration"]["file"] == \
         "pipeline/tiny-llama/calibration.safetensors"
@@ -190,7 +190,7 @@ def test_the_prefect_flow_tracks_and_pushes_what_it_produced(tiny_model, tmp_pat
     tracked = repo / "dvc" / "tracked"
     calib = yaml.safe_load((tracked / "runs--x--tiny-llama--calibration.safetensors.dvc").read_text())["outs"][0]
     art = yaml.safe_load((tracked / "runs--x--tiny-llama--artifacts--gptq4-gguf-Q4_0.dvc").read_text())["outs"][0]
-    from turboquant.provenance import md5_file
+    from turboquant.io.provenance import md5_file
 
     assert calib["md5"] == md5_file(repo / "runs/x/tiny-llama/calibration.safetensors")
     assert art["md5"].endswith(".dir") and art["nfiles"] >= 3

@@ -6,10 +6,11 @@ the float model is the asserted metric (see ../shared/models/README.md); perplex
 
 import pytest
 
-from turboquant.calibration import CalibrationRecipe, build_calibration
-from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
+from turboquant.io.calibration import CalibrationRecipe, build_calibration
+from turboquant.quality.evaluate import evaluate_many
+from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 
 from conftest import CALIB
 

@@ -2,9 +2,10 @@
 
 import pytest
 
-from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
+from turboquant.quality.evaluate import evaluate_many
+from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 
 pytestmark = pytest.mark.slow
 

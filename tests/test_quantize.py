@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from turboquant.checkpoint import METADATA_FILE, QuantizedCheckpoint
+from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint
 from turboquant.errors import ConfigError, ModelLoadError, OutputError
 from turboquant.methods import make_config
 from turboquant.methods.rtn import rtn_quantize
-from turboquant.quantize_checkpoint import quantize
+from turboquant.quantize.pipeline import quantize
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (3, 64, False), (2, -1, False), (8, 0, True)])

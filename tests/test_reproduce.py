@@ -10,14 +10,15 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CALIB
-from turboquant.calibration import CalibrationRecipe, build_calibration
+from turboquant.io.calibration import CalibrationRecipe, build_calibration
 from turboquant.cli import app
 from turboquant.formats import export
 from turboquant.fsutil import sha256_file
-from turboquant.manifest import file_hashes
+from turboquant.io.manifest import file_hashes
 from turboquant.methods import make_config
-from turboquant.provenance import load_calibration, md5_file
-from turboquant.quantize_checkpoint import quantize
+from turboquant.io.calibration import load_calibration
+from turboquant.io.provenance import md5_file
+from turboquant.quantize.pipeline import quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

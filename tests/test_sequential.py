@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from turboquant.calibration import CalibrationRecipe, CalibrationSet
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.calibration import CalibrationRecipe, CalibrationSet
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.methods import make_config
-from turboquant.model import open_model
-from turboquant.quantize_checkpoint import quantize
-from turboquant.sequential import BlockRunner, run_staged
-from turboquant.tiny import save_tiny_model
+from turboquant.io.model import open_model
+from turboquant.quantize.pipeline import quantize
+from turboquant.quantize.runner import BlockRunner, run_staged
+from turboquant.io.tiny import save_tiny_model
 
 from conftest import REF_MODEL
 
@@ -74,12 +74,12 @@ def test_staged_gptq_matches_recapturing_every_group(tmp_path, tiny_model, ids, 
     """The staged pipeline is a speed-up only: same codes as re-running the block before every group."""
     import dataclasses
 
-    from turboquant import model as tq_model
+    from turboquant.io import arch as tq_arch
 
     cfg = make_config("gptq", bits=3, group_size=32)
     staged = QuantizedCheckpoint.open(quantize(tiny_model, cfg, tmp_path / "s", calib=_calib(ids), progress=False))
-    plain = dataclasses.replace(tq_model.ARCHITECTURES["llama"], layout=None)
-    monkeypatch.setitem(tq_model.ARCHITECTURES, "llama", plain)
+    plain = dataclasses.replace(tq_arch.ARCHITECTURES["llama"], layout=None)
+    monkeypatch.setitem(tq_arch.ARCHITECTURES, "llama", plain)
     slow = QuantizedCheckpoint.open(quantize(tiny_model, cfg, tmp_path / "r", calib=_calib(ids), progress=False))
     for name in staged.modules:
         a, b = staged.quantized_tensor(name), slow.quantized_tensor(name)

@@ -13,8 +13,8 @@ from conftest import HELDOUT, REF_MODEL
 from turboquant.cli import app
 from turboquant.formats import export
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
-from turboquant.validate import validate
+from turboquant.quantize.pipeline import quantize
+from turboquant.quality.validate import validate
 
 pytestmark = pytest.mark.slow
 TOKENS = 4096
@@ -85,7 +85,7 @@ def test_broken_artifact_fails_every_gate_with_reasons(w4, tmp_path):
 
 
 def test_pareto_front():
-    from turboquant.report import pareto_front
+    from turboquant.quality.report import pareto_front
 
     pts = [(10, 5.0), (5, 6.0), (7, 5.5), (8, 7.0), (20, 4.0), (6, 6.5)]
     assert pareto_front(pts) == [1, 2, 0, 4]

@@ -1,8 +1,10 @@
 """TurboQuant: quantize a released causal LM into validated, reproducible artifacts."""
 
 import ctypes as _ctypes
+import importlib as _importlib
 import os as _os
 import sys as _sys
+import types as _types
 
 if "torch" not in _sys.modules:
     # OpenMP threads that spin while waiting make every small torch op pay a scheduler slice on a shared or
@@ -18,18 +20,27 @@ if _sys.platform.startswith("linux"):
     except (OSError, AttributeError):
         pass  # not glibc
 
-__version__ = "0.1.0"
+from turboquant._version import __version__  # noqa: E402
 
 __all__ = ["list_methods", "methods", "quantize"]
 
 
-def __getattr__(name: str):
-    """``turboquant.quantize`` / ``turboquant.list_methods`` (from ``turboquant.api``) and the callable
-    ``turboquant.methods`` package, imported on first use so that ``import turboquant`` stays light."""
-    import importlib
+class DispatchingPackage(_types.ModuleType):
+    """The class of the ``turboquant.quantize`` package: calling it is calling the dispatcher ``turboquant.api.
+    quantize`` (``turboquant.quantize(model, method=...)``), so that the subpackage holding the block runner and
+    the checkpoint pipeline and the one-line public entry point share their natural name, as
+    ``turboquant.methods`` is both the methods package and the function listing them. The face is reached at call
+    time only: the package itself never depends on it."""
 
-    if name in ("quantize", "list_methods"):
-        return getattr(importlib.import_module("turboquant.api"), name)
-    if name == "methods":
-        return importlib.import_module("turboquant.methods")
+    def __call__(self, *args, **kwargs):
+        return _importlib.import_module("turboquant.api").quantize(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    """``turboquant.list_methods`` (from ``turboquant.api``), the callable ``turboquant.methods`` package and the
+    callable ``turboquant.quantize`` package, imported on first use so that ``import turboquant`` stays light."""
+    if name == "list_methods":
+        return _importlib.import_module("turboquant.api").list_methods
+    if name in ("methods", "quantize"):
+        return _importlib.import_module(f"turboquant.{name}")
     raise AttributeError(f"module 'turboquant' has no attribute {name!r}")

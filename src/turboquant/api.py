@@ -28,14 +28,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from turboquant.errors import ConfigError, DataError
-from turboquant.methods import METHODS, MethodConfig, MethodSpec, get_method, list_methods
+from turboquant.errors import check_keys, ConfigError, DataError
+from turboquant.fsutil import atomic_output_dir
+from turboquant.io.calibration import build_calibration, CalibrationRecipe, CalibrationSet
+from turboquant.io.checkpoint import QuantizedCheckpoint
+from turboquant.io.files import TOKENIZER_FILES, matching_files
+from turboquant.io.loaders import load_model
+from turboquant.io.model import open_model, resolve_model
+from turboquant.methods import bnb, get_method, list_methods, MethodConfig, METHODS, MethodSpec
+from turboquant.quantize import bnb as bnb_artifact
+from turboquant.quantize.pipeline import quantize as quantize_checkpoint
 
 #: keyword options of ``quantize`` that are not method config keys.
 DISPATCH_OPTIONS = ("calib_dataset", "calib_loader", "calib_samples", "calib_seqlen", "dtype", "overwrite",
                     "revision", "save_dir")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.json", "merges.txt")
 
 __all__ = ["DISPATCH_OPTIONS", "list_methods", "quantize", "write_bnb_artifact"]
 
@@ -72,13 +78,13 @@ def quantize(
                               "pass calib_dataset (text files, strings, token ids or a calibration file)")
         return _via_checkpoint(model, spec, cfg, save_dir, calib_dataset, calib_samples, calib_seqlen, revision,
                                overwrite, dtype)
-    if method.startswith("bnb-"):
+    if spec.kind == "transformers":
         return _bnb(model, cfg, save_dir, revision, overwrite)
     if save_dir is not None:
         raise ConfigError(f"method '{method}' has no on-disk form in TurboQuant",
                           "drop save_dir (keep the returned module, or pick bnb-int8 for a saved int8 checkpoint)")
     module = _as_module(model, revision, dtype)
-    if method == "int8-dynamic":
+    if not spec.needs_calibration:
         return spec.solver(module, cfg).eval()
     batches = calib_loader if calib_loader is not None else _lm_batches(module, calib_dataset, calib_samples,
                                                                         calib_seqlen)
@@ -88,10 +94,8 @@ def quantize(
 def build_config(spec: MethodSpec, options: dict[str, Any]) -> MethodConfig:
     """The method's validated config; an unknown key fails listing the method's keys and the dispatcher's."""
     known = [f.name for f in fields(spec.config_cls)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for method '{spec.name}'",
-                          f"use method options {known} or dispatcher options {list(DISPATCH_OPTIONS)}")
+    check_keys(options, known, f"unknown option(s) {{unknown}} for method '{spec.name}'",
+               f"use method options {', '.join(sorted(known))} or dispatcher options {', '.join(DISPATCH_OPTIONS)}")
     return spec.config_cls.from_dict(options)
 
 
@@ -101,9 +105,6 @@ def build_config(spec: MethodSpec, options: dict[str, Any]) -> MethodConfig:
 def _via_checkpoint(model: Any, spec: MethodSpec, cfg: MethodConfig, save_dir: Any, calib_dataset: Any,
                     samples: int, seqlen: int, revision: str | None, overwrite: bool,
                     dtype: torch.dtype | None) -> nn.Module:
-    from turboquant.checkpoint import QuantizedCheckpoint
-    from turboquant.model import open_model
-    from turboquant.quantize_checkpoint import quantize as quantize_checkpoint
 
     cast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.name)
     with tempfile.TemporaryDirectory(prefix="turboquant-") as work:
@@ -138,16 +139,14 @@ def _save_module(model: nn.Module, path: Path, method: str) -> Path:
     model.save_pretrained(str(path), safe_serialization=True)
     origin = Path(str(getattr(model, "name_or_path", "") or ""))
     if str(origin) and origin.is_dir():
-        for name in _TOKENIZER_FILES:
-            if (origin / name).is_file():
-                shutil.copyfile(origin / name, path / name)
+        for f in matching_files(origin, TOKENIZER_FILES):
+            shutil.copyfile(f, path / f.name)
     return path
 
 
 def calibration_set(data: Any, tokenizer_dir: Path, samples: int, seqlen: int, work: Path,
                     max_context: int | None = None):
     """A ``CalibrationSet`` from any of the forms ``quantize`` accepts as ``calib_dataset``."""
-    from turboquant.calibration import CalibrationRecipe, CalibrationSet, build_calibration
 
     if data is None:
         raise ConfigError("this method needs calibration data",
@@ -194,8 +193,6 @@ def _as_module(model: Any, revision: str | None, dtype: torch.dtype | None) -> n
     """The model as a torch module: as given, or loaded (safetensors only) from a directory / Hub id."""
     if isinstance(model, nn.Module):
         return model
-    from turboquant.evaluate import load_model
-    from turboquant.model import resolve_model
 
     return load_model(resolve_model(model, revision).path, dtype or torch.float32).eval()
 
@@ -213,7 +210,6 @@ def _lm_batches(module: nn.Module, calib_dataset: Any, samples: int, seqlen: int
 
 
 def _bnb(model: Any, cfg: MethodConfig, save_dir: Any, revision: str | None, overwrite: bool) -> nn.Module:
-    from turboquant.methods import bnb
 
     if isinstance(model, nn.Module) and not hasattr(model, "save_pretrained"):
         if save_dir is not None:
@@ -224,9 +220,8 @@ def _bnb(model: Any, cfg: MethodConfig, save_dir: Any, revision: str | None, ove
         src = _save_module(model, Path(work) / "src", cfg.method) if isinstance(model, nn.Module) else model
         rev = None if isinstance(model, nn.Module) else revision
         if save_dir is None:
-            from turboquant.model import open_model
 
-            return bnb.load_quantized(open_model(src, rev).source.path, cfg)
+            return bnb_artifact.load_quantized(open_model(src, rev).source.path, cfg)
         out = write_bnb_artifact(src, cfg, save_dir, revision=rev, overwrite=overwrite)
     return reload_bnb(out)
 
@@ -234,18 +229,15 @@ def _bnb(model: Any, cfg: MethodConfig, save_dir: Any, revision: str | None, ove
 def write_bnb_artifact(model: str | Path, cfg: MethodConfig, out: str | Path, *, revision: str | None = None,
                        overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """Write the transformers bitsandbytes checkpoint of ``model`` to ``out`` atomically (the CLI's path too)."""
-    from turboquant.fsutil import atomic_output_dir
-    from turboquant.methods import bnb
-    from turboquant.model import open_model
 
-    if not cfg.method.startswith("bnb-"):
+    if get_method(cfg.method).kind != "transformers":
         raise ConfigError(f"method '{cfg.method}' has no checkpoint form in TurboQuant",
                           f"call turboquant.quantize(model, method='{cfg.method}') in Python, or pick a checkpoint "
-                          f"method or one of {sorted(n for n in METHODS if n.startswith('bnb-'))}")
+                          f"method or one of {sorted(n for n, s in METHODS.items() if s.kind == 'transformers')}")
     opened = open_model(model, revision, allow_pickle=allow_pickle)
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        bnb.save_artifact(opened.source.path, cfg, tmp, opened.aux_files())
+        bnb_artifact.save_artifact(opened.source.path, cfg, tmp, opened.aux_files())
     return out
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import typer
 
-from turboquant.checkpoint import QuantizedCheckpoint
-from turboquant.evaluate import evaluate_many, load_model, load_tokenizer, read_text, tokenize
+from turboquant.io.checkpoint import QuantizedCheckpoint
+from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
+from turboquant.io.tiny import _FALLBACK_TEXT, save_tiny_model
 from turboquant.methods import make_config
-from turboquant.quantize_checkpoint import quantize
-from turboquant.tiny import save_tiny_model
+from turboquant.quality.evaluate import evaluate_many
+from turboquant.quantize.pipeline import quantize
 
 SHARED = Path("../shared")
 DEFAULT_MODEL = SHARED / "models" / "tq-ref-llama"
@@ -103,6 +104,5 @@ def format_table(rows: list[DemoRow], baseline_ppl: float | None) -> str:
 
 
 def _fallback_text() -> str:
-    from turboquant.tiny import _FALLBACK_TEXT
 
     return _FALLBACK_TEXT * 16

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class TurboQuantError(Exception):
     """A bad input or a refused operation, with the fix a user should apply.
@@ -33,3 +35,18 @@ class OutputError(TurboQuantError):
 
 class PublishError(TurboQuantError):
     """An artifact that may not be published (not approved, changed since export) or a Hub that refused it."""
+
+
+class ProvenanceError(TurboQuantError):
+    """An input whose recorded version cannot be found or verified, or a DVC command that failed."""
+
+
+def check_keys(given: Iterable[str], allowed: Iterable[str], problem: str, fix: str | None = None) -> None:
+    """Refuse keys outside ``allowed`` — the one strict-keys check of plans, configs, schemes, gates, watch lists
+    and format options. ``problem`` names the place, with ``{unknown}`` where the offending keys go; the fix lists
+    the allowed keys unless ``fix`` says otherwise."""
+    allowed = sorted(allowed)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(problem.format(unknown=", ".join(map(str, unknown))),
+                          fix or f"use only: {', '.join(allowed) or 'none'}")

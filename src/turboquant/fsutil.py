@@ -1,4 +1,4 @@
-"""Filesystem helpers: outputs appear whole or not at all."""
+"""Filesystem helpers: outputs appear whole or not at all; YAML inputs read with one-line errors."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import yaml
 
 from turboquant import faults
-from turboquant.errors import OutputError
+from turboquant.errors import ConfigError, OutputError
 
 
 @contextmanager
@@ -89,3 +91,14 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_yaml(path: str | Path, what: str, missing_fix: str) -> Any:
+    """The parsed YAML at ``path``; a missing file or a syntax error is a one-line ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist", missing_fix)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None

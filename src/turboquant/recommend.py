@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from turboquant.errors import ConfigError
+from turboquant.methods.base import METHODS
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,6 @@ def render_text(row: Recommendation) -> str:
 
 def render_markdown() -> str:
     """``docs/methods.md``: the decision table, then every registered method with its description."""
-    from turboquant.methods import METHODS
 
     lines = [
         "# Methods and where they fit",

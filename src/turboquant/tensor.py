@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from turboquant.errors import ConfigError
+from turboquant.errors import check_keys, ConfigError
 
 PER_TENSOR = 0
 PER_CHANNEL = -1
@@ -98,9 +98,7 @@ class QuantScheme:
     @classmethod
     def from_dict(cls, data: dict) -> "QuantScheme":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown scheme keys {unknown}", f"use only {sorted(known)}")
+        check_keys(data, known, "unknown scheme key(s) {unknown}")
         return cls(**data)
 
     def describe(self) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
     FormatError, has_act_order, has_fractional_zero, register_format, write_packed_shards, source_config,
     uniform_scheme, write_json,

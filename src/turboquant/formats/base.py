@@ -16,19 +16,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from turboquant.checkpoint import INDEX_FILE, METADATA_FILE, QuantizedCheckpoint, shard_name
+from turboquant.io.files import CARRIED_FILE_PATTERNS, matching_files
+from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint, ShardWriter
 from turboquant import faults
-from turboquant.errors import ConfigError
+from turboquant.errors import check_keys, ConfigError
 from turboquant.fsutil import atomic_output_dir
-from turboquant.manifest import MANIFEST_FILE, write_manifest
+from turboquant.io.manifest import MANIFEST_FILE, write_manifest
 from turboquant.tensor import QuantizedTensor, QuantScheme
 
-#: Files of the source model every artifact carries unchanged (when the source had them).
-CARRIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-    "LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt", "NOTICE", "USE_POLICY.md",
-)
 
 
 class FormatError(ConfigError):
@@ -74,8 +69,6 @@ def register_format(name: str, *, description: str, runtime: str, check: Check,
 
 
 def get_format(name: str) -> FormatSpec:
-    import turboquant.formats  # noqa: F401  (registers the built-in formats)
-
     if name not in FORMATS:
         raise ConfigError(f"unknown format '{name}'", f"use one of: {', '.join(sorted(FORMATS))}")
     return FORMATS[name]
@@ -83,11 +76,8 @@ def get_format(name: str) -> FormatSpec:
 
 def resolve_options(spec: FormatSpec, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` over the format's defaults; unknown keys fail listing the valid ones."""
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        valid = ", ".join(sorted(spec.options)) or "none"
-        raise ConfigError(f"format '{spec.name}' has no option {', '.join(map(repr, unknown))}",
-                          f"use only its options ({valid})")
+    check_keys(options, spec.options, f"format '{spec.name}' has no option(s) {{unknown}}",
+               f"use only its options ({', '.join(sorted(spec.options)) or 'none'})")
     return {**spec.options, **{k: v for k, v in options.items() if v is not None}}
 
 
@@ -110,9 +100,9 @@ def export(qdir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = Fal
 
 def carry_files(src: Path, dst: Path) -> None:
     """Copy the source model's tokenizer, chat template, generation config and license files not yet in ``dst``."""
-    for name in CARRIED_FILES:
-        if (src / name).is_file() and not (dst / name).exists():
-            shutil.copyfile(src / name, dst / name)
+    for f in matching_files(src, CARRIED_FILE_PATTERNS):
+        if not (dst / f.name).exists():
+            shutil.copyfile(f, dst / f.name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,37 +165,12 @@ def write_packed_shards(ckpt: QuantizedCheckpoint, out: Path,
     shard's ``plain(tensors)``, then the index — the loop every safetensors-based format shares."""
     writer = None
     for shard in iter_shards(ckpt):
-        writer = writer or ShardedWriter(out, shard.total)
+        writer = writer or ShardWriter(out, shard.total, fault="export.shard_written", single_file=True)
         tensors = plain(shard.plain)
         for module, qt in shard.quantized.items():
             tensors.update({f"{module}.{k}": v for k, v in pack(qt).items()})
         writer.write(shard.index, tensors)
-    writer.finish()
-
-
-class ShardedWriter:
-    """Writes ``model-XXXXX-of-YYYYY.safetensors`` shards and the standard index (a single shard: model.safetensors)."""
-
-    def __init__(self, root: Path, total: int) -> None:
-        self.root, self.total = root, total
-        self.weight_map: dict[str, str] = {}
-        self.size = 0
-
-    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        name = "model.safetensors" if self.total == 1 else shard_name(index, self.total)
-        tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
-        save_file(tensors, str(self.root / name), metadata={"format": "pt"})
-        faults.point("export.shard_written")
-        for key, t in tensors.items():
-            self.weight_map[key] = name
-            self.size += t.numel() * t.element_size()
-
-    def finish(self) -> None:
-        if self.total > 1:
-            index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            write_json(self.root / INDEX_FILE, index)
+    writer.write_index()
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -223,5 +188,6 @@ def source_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
     return config
 
 
-__all__ = ["FORMATS", "FormatError", "FormatSpec", "Shard", "ShardedWriter", "iter_shards", "write_packed_shards", "MANIFEST_FILE", "METADATA_FILE", "carry_files", "export",
-           "get_format", "has_act_order", "has_fractional_zero", "register_format", "schemes", "uniform_scheme"]
+__all__ = ["FORMATS", "MANIFEST_FILE", "METADATA_FILE", "FormatError", "FormatSpec", "Shard", "carry_files", "export",
+           "get_format", "has_act_order", "has_fractional_zero", "iter_shards", "register_format", "schemes",
+           "uniform_scheme", "write_packed_shards"]

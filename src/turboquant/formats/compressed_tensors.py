@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from turboquant.checkpoint import QuantizedCheckpoint
-from turboquant.formats.base import (
-    FormatError, has_fractional_zero, register_format, write_packed_shards, schemes, source_config,
-    write_json,
-)
+from turboquant.formats.base import (FormatError, has_fractional_zero, register_format, schemes, source_config,
+                                     write_json, write_packed_shards)
+from turboquant.io.checkpoint import QuantizedCheckpoint
+from turboquant.io.model import build_skeleton
 from turboquant.tensor import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme
 
 FORMAT = "pack-quantized"
@@ -114,7 +113,6 @@ def _scale_dtype(ckpt: QuantizedCheckpoint) -> torch.dtype:
 
 def _float_linears(ckpt: QuantizedCheckpoint) -> list[str]:
     """Names of the model's Linear modules (quantized or not), read off the skeleton on the meta device."""
-    from turboquant.model import build_skeleton
 
     model = build_skeleton(ckpt.path)
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
     FormatError, has_fractional_zero, register_format, schemes, write_packed_shards, source_config, write_json,
 )

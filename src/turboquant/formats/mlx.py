@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
     FormatError, has_act_order, register_format, write_packed_shards, schemes, source_config, write_json,
 )

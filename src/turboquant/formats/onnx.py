@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from turboquant.checkpoint import QuantizedCheckpoint
+from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
     FormatError, has_act_order, iter_shards, register_format, schemes, source_config, write_json,
 )
-from turboquant.model import build_skeleton, materialize
+from turboquant.io.model import build_skeleton, materialize
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_bits, unpack_bits
 
 #: Bit widths ONNX Runtime's MatMulNBits CPU kernel runs (onnxruntime 1.31; the schema allows 2..8), and those it

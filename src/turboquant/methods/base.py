@@ -10,12 +10,21 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, ClassVar, Literal
 
-from turboquant.errors import ConfigError
+from turboquant.errors import check_keys, ConfigError
 from turboquant.tensor import QuantScheme
 
 #: cast: a dtype cast of every tensor; weight: a weight-only solver producing QuantizedTensors (both go through
-#: the checkpoint quantizer); module: transforms a loaded ``nn.Module`` in memory (``turboquant.quantize``).
-MethodKind = Literal["cast", "weight", "module"]
+#: the checkpoint quantizer); module: transforms a loaded ``nn.Module`` in memory (``turboquant.quantize``);
+#: transformers: quantized by transformers' own integration, saved as a transformers checkpoint (bitsandbytes).
+MethodKind = Literal["cast", "weight", "module", "transformers"]
+
+#: Block procedures (``quantize/``) a calibrated weight method runs with: ``hessian`` accumulates ``H = XᵀX`` per
+#: input group and solves group by group (GPTQ); ``activation-scales`` searches and folds per-channel scales
+#: before quantizing (AWQ). Calibration-free methods need none: each weight is quantized on its own.
+HESSIAN = "hessian"
+ACTIVATION_SCALES = "activation-scales"
+#: Devices a method can run on, best first, when it declares none.
+CPU_ONLY = ("cpu",)
 
 
 @dataclass(frozen=True)
@@ -34,12 +43,8 @@ class MethodConfig:
     def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
         data = {k: v for k, v in data.items() if k != "method"}
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {unknown} for method '{cls.method}'",
-                f"use only {known}" if known else f"method '{cls.method}' takes no options",
-            )
+        check_keys(data, known, f"unknown option(s) {{unknown}} for method '{cls.method}'",
+                   None if known else f"method '{cls.method}' takes no options")
         return cls(**data)
 
     @classmethod
@@ -62,6 +67,16 @@ class WeightQuantConfig(MethodConfig):
     def scheme(self) -> QuantScheme:
         return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
+    @property
+    def permutes_groups(self) -> bool:
+        """Whether the codes come with a ``g_idx`` (groups not contiguous along the input): GPTQ's act-order."""
+        return False
+
+    @property
+    def fractional_zeros(self) -> bool:
+        """Whether zero points may be fractional (HQQ's optimised zeros), which integer-zero formats cannot hold."""
+        return False
+
 
 def check_type(name: str, value: Any, expected: type | tuple[type, ...], hint: str) -> None:
     """Refuse a config value of the wrong type (bools are not ints here)."""
@@ -79,7 +94,9 @@ class MethodSpec:
     """A registered method: its config class, what it produces and needs, and its solver.
 
     ``checkpoint`` is False for methods the canonical checkpoint quantizer (CLI ``quantize``, the plan) cannot run:
-    they quantize a loaded module (int8) or write their own artifact (bitsandbytes).
+    they quantize a loaded module (int8) or write their own artifact (bitsandbytes). ``devices``: where it can
+    run, best first (placement on work pools reads it). ``block_procedure``: how a calibrated weight method runs
+    over a block (``HESSIAN`` or ``ACTIVATION_SCALES``; ``quantize/`` registers one procedure per name).
     """
 
     name: str
@@ -89,6 +106,8 @@ class MethodSpec:
     solver: Callable[..., Any]
     needs_calibration: bool = False
     checkpoint: bool = True
+    devices: tuple[str, ...] = CPU_ONLY
+    block_procedure: str | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -101,14 +120,18 @@ def register_method(
     kind: MethodKind,
     needs_calibration: bool = False,
     checkpoint: bool = True,
+    devices: tuple[str, ...] = CPU_ONLY,
+    block_procedure: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator adding a solver to ``METHODS`` under ``name``."""
+    """Decorator adding a solver to ``METHODS`` under ``name``, with what the rest of the engine needs to know of
+    it (calibration, canonical checkpoint form, devices, block procedure)."""
 
     def wrap(solver: Callable[..., Any]) -> Callable[..., Any]:
         if name in METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
         config_cls.method = name
-        METHODS[name] = MethodSpec(name, config_cls, description, kind, solver, needs_calibration, checkpoint)
+        METHODS[name] = MethodSpec(name, config_cls, description, kind, solver, needs_calibration, checkpoint,
+                                   tuple(devices), block_procedure)
         return solver
 
     return wrap
@@ -132,8 +155,23 @@ def make_config(method: str, **options: Any) -> MethodConfig:
         raise ConfigError(
             f"method '{method}' has no canonical checkpoint form ({spec.description})",
             f"call turboquant.quantize(model, method='{method}') in Python"
-            + (f", or run `turboquant quantize MODEL --method {method} --out DIR`" if spec.kind == "module"
-               and method.startswith("bnb-") else "")
+            + (f", or run `turboquant quantize MODEL --method {method} --out DIR`" if spec.kind == "transformers"
+               else "")
             + f"; checkpoint methods: {sorted(n for n, s in METHODS.items() if s.checkpoint)}",
         )
     return spec.config_cls.from_dict(options)
+
+
+def config_with_scheme(method: str, options: dict[str, Any], **scheme: Any) -> MethodConfig:
+    """A validated config from options plus scheme flags (``bits``, ``group_size``, ``symmetric``; None: unset);
+    a flag the method has no field for is refused (the CLI's ``--bits`` on a cast, say)."""
+    spec = get_method(method)
+    names = {f.name for f in fields(spec.config_cls)}
+    values = dict(options)
+    for key, value in scheme.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"method '{method}' takes no --{key.replace('_', '-')}", "drop that flag")
+        values[key] = value
+    return spec.config_cls.from_dict(values)

@@ -14,11 +14,7 @@ not a transformers model has its ``nn.Linear`` layers swapped for bitsandbytes' 
 from __future__ import annotations
 
 import copy
-import json
-import math
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,26 +84,6 @@ def quantization_config(cfg: BnbConfig):
                               bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype))
 
 
-def load_quantized(model_dir: str | Path, cfg: BnbConfig, dtype: "torch.dtype | str" = torch.float32) -> nn.Module:
-    """The model at ``model_dir`` loaded on CPU with its linears quantized by bitsandbytes (``dtype``: the rest)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map="cpu",
-                                                quantization_config=quantization_config(cfg)).eval()
-
-
-def save_artifact(model_dir: str | Path, cfg: BnbConfig, tmp: Path, aux_files: list[Path]) -> None:
-    """Write the transformers bitsandbytes checkpoint of ``model_dir`` into the (temporary) directory ``tmp``.
-
-    Non-quantized tensors keep the source dtype; tokenizer and license files are copied beside it.
-    """
-    model = load_quantized(model_dir, cfg, dtype="auto")
-    model.save_pretrained(str(tmp))
-    for f in aux_files:
-        if not (tmp / f.name).exists():  # config.json / generation_config.json come from save_pretrained
-            shutil.copyfile(f, tmp / f.name)
-
-
 def swap_linears(model: nn.Module, cfg: BnbConfig) -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` replaced by bitsandbytes' ``Linear8bitLt`` / ``Linear4bit``."""
     import bitsandbytes as bnb
@@ -136,7 +112,7 @@ def swap_linears(model: nn.Module, cfg: BnbConfig) -> nn.Module:
 
 
 def _register(name: str, config_cls: type[MethodConfig], description: str) -> None:
-    @register_method(name, config_cls, description, kind="module", checkpoint=False)
+    @register_method(name, config_cls, description, kind="transformers", checkpoint=False, devices=("cuda", "cpu"))
     def solve(model: Any, cfg: BnbConfig) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"method '{name}' quantizes a loaded torch module, not a {type(model).__name__}",
@@ -149,50 +125,5 @@ _register("bnb-nf4", BnbNf4Config, "bitsandbytes 4-bit NormalFloat + double quan
 _register("bnb-fp4", BnbFp4Config, "bitsandbytes 4-bit float + double quant (transformers checkpoint)")
 
 
-# --- reading an artifact back: what validation reports -------------------------------------------------------------
 
 
-def artifact_quantization(path: str | Path) -> dict[str, Any] | None:
-    """The bitsandbytes ``quantization_config`` of a model directory, or None when it is not a bnb checkpoint."""
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        return None
-    try:
-        qc = json.loads(cfg_path.read_text()).get("quantization_config")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
-
-
-_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
-
-
-#: Per-tensor constants of a bitsandbytes linear (code books, the serialized quant state, the int8 layout tag): a
-#: fixed few hundred bytes each, whatever the layer's size, so they are left out of the bits per weight.
-_FIXED_SUFFIXES = ("quant_map", "weight_format", "bitsandbytes__nf4", "bitsandbytes__fp4")
-
-
-def artifact_bits(path: str | Path) -> float | None:
-    """Stored bits per weight of the quantized linears: the codes plus what scales with them (block absmax,
-    double quant's nested absmax, LLM.int8()'s per-row SCB): 4 + 8/64 + 32/16384 ~ 4.127 for NF4 / FP4 with double
-    quant, 4.5 without, 8 + 32/in_features for int8. None when ``path`` is not a bitsandbytes checkpoint.
-
-    4-bit weights are stored packed as uint8 (two codes a byte), int8 weights as int8 ``[out, in]``.
-    """
-    if artifact_quantization(path) is None:
-        return None
-    from turboquant.model import LazyCheckpoint
-
-    infos = LazyCheckpoint.open(Path(path)).tensors
-    n_weights, n_bytes = 0, 0
-    for name, info in infos.items():
-        if not name.endswith(".weight") or info.dtype not in ("U8", "I8"):
-            continue
-        module = name.removesuffix(".weight")
-        n_weights += math.prod(info.shape) * (2 if info.dtype == "U8" else 1)
-        for other, o in infos.items():
-            if other.endswith(_FIXED_SUFFIXES):
-                continue
-            if other == name or other.startswith(name + ".") or other == f"{module}.SCB":
-                n_bytes += math.prod(o.shape) * _BYTES.get(o.dtype, 4)
-    return 8.0 * n_bytes / n_weights if n_weights else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from turboquant.errors import ConfigError, DataError
-from turboquant.methods.base import WeightQuantConfig, check_type, register_method
+from turboquant.methods.base import HESSIAN, check_type, register_method, WeightQuantConfig
 from turboquant.methods.rtn import RtnConfig, group_qparams
 from turboquant.tensor import QuantizedTensor, group_view, quantize_codes
 
@@ -62,6 +62,11 @@ class GptqConfig(WeightQuantConfig):
             raise ConfigError(f"block_size={self.block_size} is not positive", "use a positive integer, e.g. 128")
         for name in ("act_order", "static_groups", "true_sequential", "mse_clip"):
             check_type(name, getattr(self, name), bool, "use true or false")
+
+    @property
+    def permutes_groups(self) -> bool:
+        """Act-order without static groups fits each group in column order of ``diag(H)``: codes get a ``g_idx``."""
+        return self.act_order and not self.static_groups and self.group_size > 0
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp_percent: float, shape: tuple[int, int], name: str) -> torch.Tensor:
@@ -184,7 +189,7 @@ def _fit_group(
 
 @register_method(
     "gptq", GptqConfig, "GPTQ: Hessian-aware error feedback from calibration data (act-order, groups)",
-    kind="weight", needs_calibration=True,
+    kind="weight", needs_calibration=True, devices=("cuda", "cpu"), block_procedure=HESSIAN,
 )
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GptqConfig, *, name: str = "this layer") -> QuantizedTensor:
     """GPTQ-quantize ``W`` ``[out, in]`` given ``H`` ``[in, in]`` = sum of ``x x^T`` over calibration tokens.

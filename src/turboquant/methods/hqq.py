@@ -48,6 +48,10 @@ class HqqConfig(WeightQuantConfig):
     kappa: float = 1.01
     integer_zero: bool = False
 
+    @property
+    def fractional_zeros(self) -> bool:
+        return not self.integer_zero
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.symmetric:

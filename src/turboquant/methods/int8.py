@@ -3,7 +3,7 @@
 * ``int8-dynamic`` is ``torch.ao.quantization.quantize_dynamic`` with its default qconfig: weights int8 per
   tensor, activations quantized per batch at run time (Linear, LSTM, GRU; any ``nn.Module``).
 * ``int8-static`` fixes each Linear's activation scale ahead of time from calibration batches with one of the
-  observers (``turboquant.observers``: minmax, percentile, histogram, entropy) and stores weights as symmetric
+  observers (``methods.observers``: minmax, percentile, histogram, entropy) and stores weights as symmetric
   int8 (per output channel or per tensor). ``Int8Linear`` really computes in integers: the input is rounded to
   int8 with the calibrated scale, multiplied with the int8 weights accumulating in int32 (``torch._int_mm``, or an
   int32 matmul where that kernel is missing), then rescaled by ``x_scale * w_scale`` — the arithmetic an int8
@@ -25,7 +25,7 @@ from torch import nn
 
 from turboquant.errors import ConfigError, DataError
 from turboquant.methods.base import MethodConfig, check_type, register_method
-from turboquant.observers import OBSERVERS, MinMaxObserver, Observer, make_observer
+from turboquant.methods.observers import OBSERVERS, MinMaxObserver, Observer, make_observer
 
 DYNAMIC_MODULES: dict[str, type[nn.Module]] = {"linear": nn.Linear, "lstm": nn.LSTM, "gru": nn.GRU}
 QMAX = 127

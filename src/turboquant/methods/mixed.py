@@ -1,7 +1,7 @@
 """Mixed precision: a base method (RTN or GPTQ) run at a bit width chosen per layer under a bits-per-weight budget.
 
 This module holds the config only; measuring each layer's sensitivity and allocating the bits is
-``turboquant.mixed`` (it needs calibration data and the model, which a config never touches). The config records
+``quantize.sensitivity`` (it needs calibration data and the model, which a config never touches). The config records
 the resolved allocation in ``plan`` (module name → bits), so the checkpoint's metadata says exactly what was done
 and a config with a ``plan`` re-quantizes to the same checkpoint without measuring again.
 """
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from turboquant.errors import ConfigError
-from turboquant.methods.base import MethodConfig, WeightQuantConfig, check_type, make_config, register_method
+from turboquant.methods.base import (check_type, get_method, make_config, MethodConfig, register_method,
+                                     WeightQuantConfig)
 from turboquant.tensor import QuantizedTensor, QuantScheme
 
 #: Base methods whose solver runs per linear at any bit width (AWQ folds one set of scales per block and HQQ
@@ -79,6 +80,11 @@ class MixedPrecisionConfig(MethodConfig):
         return make_config(self.base, bits=bits, group_size=self.group_size, symmetric=self.symmetric,
                            **self.base_options)
 
+    @property
+    def permutes_groups(self) -> bool:
+        """Whether the base method's codes come with a ``g_idx`` (the same at every width)."""
+        return bool(getattr(self.base_config(self.candidate_bits[0]), "permutes_groups", False))
+
     def scheme_at(self, bits: int) -> QuantScheme:
         return QuantScheme(bits=bits, group_size=self.group_size, symmetric=self.symmetric)
 
@@ -119,11 +125,11 @@ def base_method(config: MethodConfig) -> str:
 
 @register_method("mixed", MixedPrecisionConfig,
                  "mixed precision: per-layer bits (rtn / gptq) allocated by measured sensitivity under a bpw budget",
-                 kind="weight", needs_calibration=True)
+                 kind="weight", needs_calibration=True,
+                 devices=("cuda", "cpu"))  # each layer runs its base method's block procedure
 def quantize_weight(weight: torch.Tensor, cfg: MixedPrecisionConfig, *, bits: int,
                     H: torch.Tensor | None = None) -> QuantizedTensor:
     """One linear at ``bits`` with the base solver (GPTQ needs ``H``)."""
-    from turboquant.methods import get_method
 
     solver = get_method(cfg.base).solver
     base = cfg.base_config(bits)

@@ -1,0 +1,90 @@
+"""The orchestration commands of ``turboquant``: ``run`` (the whole plan as the Prefect flow quantize_model) and
+``nightly`` (one pass of the watch list).
+
+They live above the engine because they start Prefect flows; ``turboquant.cli`` loads them through the
+``turboquant.cli`` entry-point group (``pyproject.toml``), so the engine never imports the flows it is driven by.
+The engine, Prefect and the flows are imported only when one of these commands runs (every ``turboquant``
+invocation loads this module).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from turboquant.cli_support import EXIT_GATE_FAILED, handle_errors
+from turboquant.errors import ConfigError
+
+
+@handle_errors
+def run(
+    params: Path = typer.Argument(Path("params.yaml"), help="The plan (params.yaml)."),
+    run_dir: Path = typer.Option(Path("runs/latest"), help="Where the run's outputs go."),
+    placement: str = typer.Option("local", help="local: everything in this process; pools: each quantization as a "
+                                                "run of the quantize_method deployment on its pool (needs a server "
+                                                "and workers, see deployments/)."),
+    progress: bool = typer.Option(True, help="Show a progress bar over the plan's steps."),
+) -> None:
+    """Run the whole plan as the Prefect flow quantize_model (embedded: no server needed)."""
+    from turboquant.pipeline.placement import place_method
+    from turboquant.pipeline.plan import Plan
+
+    if placement not in ("local", "pools"):
+        raise ConfigError(f"--placement {placement!r} is not local or pools", "pass --placement local or pools")
+    plan = Plan.from_yaml(params)  # a bad plan fails here, before Prefect starts
+    if not plan.evaluation.text:
+        raise ConfigError(f"{params} sets no evaluation.text, which every artifact is validated on",
+                          "set evaluation.text to a held-out text file (e.g. ../shared/data/heldout/all.txt)")
+    for m in plan.models:  # and so does an impossible (scheme, format) on a local model's real shapes
+        if m.local_dir:
+            plan.require_formats(m.local_dir, m.id)
+    if placement == "pools":
+        for q in plan.quantize:
+            place_method(q.config.method)  # no pool with a worker for a method fails here too
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "turboquant")
+    from flows.quantize_model import quantize_model
+    from tasks.progress import plan_progress
+
+    with plan_progress(plan, enabled=progress):
+        verdicts = quantize_model(params=str(params), run_dir=str(run_dir), placement=placement)
+    passed = sum(v["passed"] for v in verdicts)
+    typer.echo(f"{passed} of {len(verdicts)} artifacts passed their gates; report: {run_dir}")
+    failed = [v for v in verdicts if not v["passed"]]
+    if failed:
+        typer.echo(f"turboquant: {len(failed)} artifact(s) not approved; first: {Path(failed[0]['artifact']).name}: "
+                   f"{'; '.join(failed[0]['reasons'])}", err=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@handle_errors
+def nightly(
+    watch: Path = typer.Option(Path("deployments/watch.yaml"), help="The watch list (repos, or authors + filter)."),
+    params: Path = typer.Option(Path("params.yaml"), help="The plan each new release runs (its models are replaced "
+                                                           "by the release)."),
+    runs_root: Path = typer.Option(Path("runs/nightly"), help="Where each release's run and the ledger go."),
+    placement: str = typer.Option("local", help="local or pools (see `turboquant run`)."),
+) -> None:
+    """Check the watch list once and run the plan on every release not yet processed (what the 02:00 UTC
+    deployment does)."""
+    from turboquant.pipeline.plan import Plan
+    from turboquant.release.watch import load_watch
+
+    Plan.from_yaml(params)
+    load_watch(watch)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "turboquant")
+    from flows.nightly import nightly as nightly_flow
+
+    outcomes = nightly_flow(watch=str(watch), params=str(params), runs_root=str(runs_root), placement=placement)
+    for o in outcomes:
+        extra = f" ({o['passed']} approved)" if "passed" in o else (f": {o['error'].splitlines()[0]}" if "error" in o else "")
+        typer.echo(f"{o['status']:9s} {o['repo_id']}@{o['sha'][:12]}{extra}")
+    if any(o["status"] == "failed" for o in outcomes):
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` and ``nightly`` to the ``turboquant`` command line (the ``turboquant.cli`` entry point)."""
+    app.command()(run)
+    app.command()(nightly)

@@ -1,0 +1,101 @@
+"""Tiny, randomly initialised Llama-family checkpoints built on the fly (tests, demo, benchmarks).
+
+Nothing is downloaded: the tokenizer is copied from a local model when one is given, otherwise a small byte-level
+BPE is trained on the supplied text.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from turboquant.io.files import TOKENIZER_FILES, matching_files
+
+def tiny_config(
+    model_type: str = "llama",
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 4096,
+    max_positions: int = 1024,
+    tie_embeddings: bool = False,
+):
+    """A transformers config object for a small decoder of the given family."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=0,
+        eos_token_id=1,
+        rms_norm_eps=1e-5,
+    )
+
+
+def save_tiny_model(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    tokenizer_from: str | Path | None = None,
+    train_text: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    init_std: float | None = None,
+    **config_kwargs,
+) -> Path:
+    """Build and save a random model (safetensors) with a tokenizer; returns its directory."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(**config_kwargs)
+    if init_std is not None:
+        config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer_from is not None:
+        for src in matching_files(tokenizer_from, TOKENIZER_FILES):
+            shutil.copyfile(src, path / src.name)
+    else:
+        train_tokenizer(train_text or _FALLBACK_TEXT, config.vocab_size).save_pretrained(path)
+    return path
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    """A byte-level BPE tokenizer with ``<s>``=0, ``</s>``=1, ``<unk>``=2, trained on ``text``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text.splitlines() or [text], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+_FALLBACK_TEXT = (
+    "Quantization maps the weights of a neural network to a small set of integer levels. "
+    "Round-to-nearest picks the closest level for every weight on its own; GPTQ corrects the error of each "
+    "column using the inverse Hessian of the layer's inputs; AWQ protects the channels that see the largest "
+    "activations by scaling them before rounding. A good quantized model keeps the next-token distribution "
+    "of the original model: its KL divergence from the baseline stays small and its top-1 predictions agree.\n"
+) * 8

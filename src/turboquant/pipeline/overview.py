@@ -1,0 +1,39 @@
+"""What ``turboquant plan`` prints: the DAG a plan expands to, with the pool of every task and every impossible
+(quantization, format) combination found on a local model's real shapes."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from turboquant.errors import ConfigError, TurboQuantError
+from turboquant.io.model import resolve_model
+from turboquant.pipeline.placement import Placement, place_method, place_validator
+from turboquant.pipeline.plan import Plan
+
+
+def overview(plan: Plan) -> tuple[list[str], list[tuple[str, TurboQuantError]], int]:
+    """``(lines to print, [(where, error)] of impossible artifacts, number of planned artifacts)``."""
+    lines: list[str] = []
+    failures: list[tuple[str, TurboQuantError]] = []
+    for m in plan.models:
+        lines.append(f"model {m.id}" + (f" @ {m.revision}" if m.revision else ""))
+        results = plan.check_formats(resolve_model(m.local_dir).path) if m.local_dir else None
+        lines.append("  fetch → calibrate → baseline (pool cpu)")
+        for q in plan.quantize:
+            lines.append(f"  quantize {q.name} (pool {_pool_of(place_method, q.config.method)}): {q.config.to_json()}")
+            for target in q.formats:
+                err = next((e for n, lbl, e in results or () if n == q.name and lbl == target.label), None)
+                lines.append(f"    export {target.label} → validate (pool {_pool_of(place_validator, target.format)})"
+                             f" → gate → publish" + (f"  <- IMPOSSIBLE: {err}" if err else ""))
+                if err:
+                    failures.append((f"{m.id} {q.name} -> {target.label}", err))
+        if results is None:
+            lines.append("  (Hub model: shapes are checked once it is fetched)")
+    return lines, failures, sum(len(q.formats) for q in plan.quantize) * len(plan.models)
+
+
+def _pool_of(place: Callable[[str], Placement], name: str) -> str:
+    try:
+        return place(name).pool
+    except ConfigError as e:
+        return f"NONE AVAILABLE: {e.problem}"

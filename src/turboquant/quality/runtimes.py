@@ -1,0 +1,196 @@
+"""Open an artifact in the runtime its users deploy it with, as something ``evaluate`` can score.
+
+A format's runtime is the consumer that proves it: transformers (which hands GPTQ / AWQ layers to GPTQModel's
+kernels and compressed-tensors checkpoints to compressed-tensors) for the safetensors formats, llama.cpp for
+GGUF, MLX for mlx-lm checkpoints, onnxruntime for ONNX. A canonical TurboQuant checkpoint or a plain HF model
+is scored in torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from turboquant.errors import ModelLoadError
+from turboquant.formats.onnx import MODEL_FILE
+from turboquant.io.checkpoint import METADATA_FILE
+from turboquant.io.loaders import load_model
+from turboquant.io.manifest import find_manifest
+from turboquant.quality.bnb import artifact_quantization
+from turboquant.quality.evaluate import Scorer
+
+Opener = Callable[[Path], "torch.nn.Module | Scorer"]
+RUNTIMES: dict[str, tuple[str, Opener]] = {}
+
+
+def register_runtime(fmt: str, name: str) -> Callable[[Opener], Opener]:
+    def deco(fn: Opener) -> Opener:
+        RUNTIMES[fmt] = (name, fn)
+        return fn
+
+    return deco
+
+
+def artifact_format(path: Path) -> str:
+    """``gguf``, ``gptq``, … from the artifact's manifest; ``canonical``, ``bitsandbytes`` (a transformers
+    checkpoint whose config names that quant_method) or ``hf`` for the other directories."""
+    path = Path(path)
+    manifest = find_manifest(path)
+    if manifest is not None:
+        return manifest["format"]
+    if (path / METADATA_FILE).is_file():
+        return "canonical"
+    if (path / "config.json").is_file():
+
+        return "bitsandbytes" if artifact_quantization(path) is not None else "hf"
+    raise ModelLoadError(f"{path} is neither an exported artifact, a quantized checkpoint nor a model directory",
+                         "pass a directory written by `turboquant export` or `turboquant quantize`")
+
+
+def open_runtime(path: str | Path) -> tuple[str, "torch.nn.Module | Scorer"]:
+    """``(runtime name, scorer)`` for the artifact at ``path``."""
+    path = Path(path)
+    fmt = artifact_format(path)
+    if fmt not in RUNTIMES:
+        raise ModelLoadError(f"no runtime is registered for format '{fmt}'",
+                             f"validate one of: {', '.join(sorted(RUNTIMES))}")
+    name, opener = RUNTIMES[fmt]
+    return name, opener(path)
+
+
+@register_runtime("canonical", "torch (dequantized)")
+@register_runtime("hf", "torch")
+def _torch(path: Path) -> torch.nn.Module:
+    return load_model(path).eval()
+
+
+@register_runtime("gptq", "transformers + GPTQModel")
+@register_runtime("awq", "transformers + GPTQModel")
+@register_runtime("compressed-tensors", "transformers + compressed-tensors")
+def _transformers(path: Path) -> torch.nn.Module:
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
+    if _has_dynamic_overrides(path):
+        # Per-module bits (mixed precision) live in quantization_config.dynamic, which GPTQModel honours and
+        # transformers' optimum path does not: load it the way its users do.
+        from gptqmodel import BACKEND, GPTQModel
+
+        return GPTQModel.load(str(path), device="cpu", backend=BACKEND.TORCH).model.float().eval()
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+
+
+def _has_dynamic_overrides(path: Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    return bool((json.loads(config.read_text()).get("quantization_config") or {}).get("dynamic"))
+
+
+@register_runtime("bitsandbytes", "transformers + bitsandbytes")
+def _bitsandbytes(path: Path) -> torch.nn.Module:
+    """A bitsandbytes checkpoint (``turboquant quantize --method bnb-*``): its config.json's quantization_config
+    makes transformers rebuild the Linear8bitLt / Linear4bit layers; they run on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+
+
+class LlamaCppScorer:
+    """A GGUF file in llama.cpp (llama-cpp-python): logits for every position of a window."""
+
+    def __init__(self, gguf: Path, context: int | None = None) -> None:
+        import llama_cpp
+
+        self.path = gguf
+        self._llama_cpp = llama_cpp
+        probe = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        try:
+            self.vocab_size = probe.n_vocab()
+            self.context = context or int(probe.metadata.get(f"{probe.metadata['general.architecture']}"
+                                                             ".context_length", 2048))
+        finally:
+            probe.close()
+        self._llm, self._n_ctx = None, 0
+
+    def _model(self, n: int):
+        if self._llm is None or self._n_ctx < n:
+            if self._llm is not None:
+                self._llm.close()
+            threads = max(1, torch.get_num_threads())
+            self._llm = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=n, n_batch=n, n_ubatch=n,
+                                              logits_all=True, n_threads=threads, verbose=False, seed=0)
+            self._n_ctx = n
+        return self._llm
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        llm = self._model(int(ids.numel()))
+        llm.reset()
+        llm.eval(ids.tolist())
+        return torch.from_numpy(np.array(llm.scores[: ids.numel()], dtype=np.float32))
+
+
+@register_runtime("gguf", "llama.cpp")
+def _gguf(path: Path) -> LlamaCppScorer:
+    files = sorted(p for p in path.glob("*.gguf") if p.name != "imatrix.gguf")
+    if len(files) != 1:
+        raise ModelLoadError(f"{path} holds {len(files)} model GGUF files", "validate a directory with exactly one")
+    return LlamaCppScorer(files[0])
+
+
+class MlxScorer:
+    """An mlx-lm checkpoint in MLX (mlx_lm.load): logits of one window."""
+
+    def __init__(self, path: Path) -> None:
+        import mlx_lm
+
+        self.model, _ = mlx_lm.load(str(path))
+        config = json.loads((path / "config.json").read_text())
+        self.context = config.get("max_position_embeddings")
+        self.vocab_size = config.get("vocab_size")
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import mlx.core as mx
+        import numpy as np
+
+        out = self.model(mx.array([ids.tolist()])).astype(mx.float32)
+        return torch.from_numpy(np.array(out)[0])
+
+
+class OnnxScorer:
+    """An exported ONNX graph in onnxruntime (CPU execution provider): logits of one window."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        self.session = ort.InferenceSession(str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        config = json.loads((path / "config.json").read_text())
+        self.context = config.get("max_position_embeddings")
+        self.vocab_size = config.get("vocab_size")
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        batch = ids.reshape(1, -1).numpy().astype(np.int64)
+        out = self.session.run(None, {"input_ids": batch, "attention_mask": np.ones_like(batch)})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)[0])
+
+
+@register_runtime("mlx", "MLX (mlx-lm)")
+def _mlx(path: Path) -> MlxScorer:
+    return MlxScorer(path)
+
+
+@register_runtime("onnx", "onnxruntime")
+def _onnx(path: Path) -> OnnxScorer:
+    return OnnxScorer(path)

@@ -1,0 +1,46 @@
+"""GPTQ's block procedure: Hessians of each input group from the block runner, solved group by group.
+
+The solver (``methods.gptq.quantize_weight``) is pure; this module decides which inputs it sees: with
+``true_sequential`` each group's Hessian comes from the block as quantized so far, and pre-norm blocks run staged
+(``runner.run_staged``: one sub-layer at a time, about one block forward in all).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from turboquant.io.model import OpenedModel
+from turboquant.methods.base import HESSIAN, MethodConfig
+from turboquant.methods.gptq import quantize_weight
+from turboquant.methods.mixed import module_config
+from turboquant.quantize.procedures import block_procedure, set_weight
+from turboquant.quantize.runner import BlockRunner, InputStats, run_staged
+from turboquant.tensor import QuantizedTensor
+
+
+@block_procedure(HESSIAN)
+def gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig,
+                prefix: str) -> tuple[dict[str, QuantizedTensor], torch.Tensor | None]:
+    """GPTQ per linear group; with ``true_sequential`` each group's inputs come from the block as quantized so far.
+
+    Pre-norm blocks run staged (one sub-layer at a time, about one block forward in all); other layouts
+    re-capture from the block input after each group.
+    """
+
+    out: dict[str, QuantizedTensor] = {}
+
+    def solve(names: list[str], stats: dict[str, InputStats]) -> None:
+        for name in names:
+            W = block.get_submodule(name).weight.data
+            out[name] = quantize_weight(W, stats[name].H, module_config(config, prefix + name), name=prefix + name)
+            set_weight(block, name, out[name])
+
+    groups = [list(g.linears) for g in opened.arch.groups]
+    if not module_config(config, prefix + groups[0][0]).true_sequential:
+        solve([name for g in groups for name in g], runner.capture(block, [name for g in groups for name in g]))
+        return out, None
+    if opened.arch.layout is not None:
+        return out, run_staged(runner, block, opened.arch.layout, groups, solve)
+    for names in groups:
+        solve(names, runner.capture(block, names))
+    return out, None

@@ -1,0 +1,216 @@
+"""Quantize a model into the canonical checkpoint, one decoder block at a time.
+
+Calibration-free methods stream: read block i, quantize its linears, write shard i, release it. Calibrated methods
+(GPTQ, AWQ) run the calibration activations through the same block first (``runner.BlockRunner``), with the
+method's registered block procedure (``procedures``). Either way
+peak memory is one block's weights (plus the activations) whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from turboquant.errors import ConfigError
+from turboquant.fsutil import atomic_output_dir
+from turboquant.io.calibration import check_vocab
+from turboquant.io.checkpoint import CheckpointWriter, dtype_name
+from turboquant.io.model import check_finite, open_model, OpenedModel
+from turboquant.methods import get_method, MethodConfig
+from turboquant.methods.base import WeightQuantConfig
+from turboquant.methods.mixed import base_method, MixedPrecisionConfig, module_config
+from turboquant.quantize import sensitivity as mixed_precision
+from turboquant.quantize.procedures import procedure_for
+from turboquant.quantize.runner import BlockRunner
+from turboquant.tensor import QuantScheme
+
+logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from turboquant.io.calibration import CalibrationSet
+
+
+def quantize(
+    model: str | Path | OpenedModel,
+    config: MethodConfig,
+    out: str | Path,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    calib: "CalibrationSet | None" = None,
+    sequential: bool = True,
+    batch_size: int = 8,
+) -> Path:
+    """Quantize ``model`` with ``config`` into the canonical checkpoint at ``out`` (written atomically).
+
+    Calibrated methods need ``calib``; ``sequential=False`` feeds every block the float model's activations
+    instead of those of the already-quantized blocks before it.
+    """
+    spec = get_method(config.method)
+    mixed = isinstance(config, MixedPrecisionConfig)
+    if spec.needs_calibration and calib is None and not (mixed and config.plan and not get_method(config.base).needs_calibration):
+        raise ConfigError(f"method '{spec.name}' needs calibration data", "pass --calib FILE or --data FILE")
+    opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
+    if isinstance(config, (WeightQuantConfig, MixedPrecisionConfig)):
+        _check_scheme_fits(opened, config)
+    if calib is not None:
+
+        check_vocab(calib, int(opened.config.get("vocab_size", 0)) or 1 << 62)
+    out = Path(out)
+    n_shards = opened.n_layers + 1
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        sensitivity = None
+        if mixed:  # measure and allocate first: the budget is shared by every layer of the model
+
+            config, sensitivity = mixed_precision.resolve(opened, config, calib, batch_size, progress)
+        writer = CheckpointWriter(tmp, n_shards)
+        bar = _BlockProgress(tqdm(total=n_shards, desc=f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}",
+                                  unit="block", disable=not progress, leave=False), spec.name, out.name)
+        if get_method(base_method(config)).needs_calibration:
+            _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update)
+        else:
+            for i in range(opened.n_layers):
+                tensors = opened.block(i)
+                writer.write_shard(i, _process_block(opened, i, tensors, config, writer))
+                del tensors
+                bar.update()
+        rest = opened.checkpoint.load(opened.checkpoint.non_block_names(opened.arch))
+        check_finite(rest)
+        writer.write_shard(opened.n_layers, _process_plain(rest, config))
+        del rest
+        bar.update()
+        bar.close()
+        meta = _metadata(opened, config)
+        if mixed:
+            shapes = {m: info["shape"] for m, info in writer.modules.items()}
+            meta["mixed_precision"] = mixed_precision.summary(config, shapes, sensitivity)
+        if calib is not None:
+            meta["calibration"] = {"recipe": calib.recipe.to_dict(), **calib.provenance, "sequential": sequential}
+        writer.finish(meta, opened.aux_files(), _config_updates(opened, config))
+    return out
+
+
+class _BlockProgress:
+    """The tqdm bar plus one ``turboquant`` log line per finished block (Prefect shows them in the task's logs)."""
+
+    def __init__(self, bar: Any, method: str, name: str) -> None:
+        self.bar, self.method, self.name, self.done = bar, method, name, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        logger.info("%s %s: shard %d/%d done in %.1f s (%.1f s total)", self.method, self.name, self.done,
+                    self.bar.total, now - self.last, now - self.start)
+        self.last = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _quantize_calibrated(
+    opened: OpenedModel,
+    config: MethodConfig,
+    calib: "CalibrationSet",
+    writer: CheckpointWriter,
+    sequential: bool,
+    batch_size: int,
+    tick: Callable[[], Any],
+) -> None:
+    """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs."""
+    procedure = procedure_for(config)
+    runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
+    for i in range(opened.n_layers):
+        block = runner.load_block(i)
+        check_finite({opened.arch.block_prefix(i) + k: v for k, v in block.state_dict().items()})
+        float_out = None if sequential else runner.forward(block)
+        prefix = opened.arch.block_prefix(i)
+        quantized, quantized_out = procedure(runner, block, opened, config, prefix)
+        if sequential:
+            outputs = quantized_out if quantized_out is not None else runner.forward(block)
+        else:
+            outputs = float_out
+        del quantized_out
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in block.state_dict().items():
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module in quantized:
+                quantized[module].dtype = opened.checkpoint_dtype(prefix + name)
+                tensors.update(writer.add_quantized(prefix + module, quantized[module]))
+            else:
+                tensors[prefix + name] = t.detach().to(opened.checkpoint_dtype(prefix + name))
+        writer.write_shard(i, tensors)
+        runner.release_block(i)
+        runner.advance(outputs)
+        tick()
+
+
+
+
+def _check_scheme_fits(opened: OpenedModel, config: WeightQuantConfig | MixedPrecisionConfig) -> None:
+    """Fail before any work when the scheme cannot cover a linear (e.g. a group size not dividing in_features)."""
+    for i in range(opened.n_layers):
+        for linear in opened.arch.linears:
+            name = f"{opened.arch.block_prefix(i)}{linear}.weight"
+            for scheme in _schemes(config):
+                scheme.check_shape(opened.checkpoint.tensors[name].shape, name)
+
+
+def _schemes(config: WeightQuantConfig | MixedPrecisionConfig) -> list[QuantScheme]:
+    if isinstance(config, WeightQuantConfig):
+        return [config.scheme]
+    return [config.scheme_at(b) for b in config.candidate_bits]
+
+
+def _process_block(
+    opened: OpenedModel, index: int, tensors: dict[str, torch.Tensor], config: MethodConfig, writer: CheckpointWriter
+) -> dict[str, torch.Tensor]:
+    check_finite(tensors)
+    spec = get_method(base_method(config))
+    if spec.kind == "cast":
+        return _process_plain(tensors, config)
+    prefix = opened.arch.block_prefix(index)
+    out: dict[str, torch.Tensor] = {}
+    targets = {f"{prefix}{linear}.weight" for linear in opened.arch.linears}
+    for name, t in tensors.items():
+        if name in targets:
+            module = name.removesuffix(".weight")
+            out.update(writer.add_quantized(module, spec.solver(t, module_config(config, module))))
+        else:
+            out[name] = t
+    return out
+
+
+def _process_plain(tensors: dict[str, torch.Tensor], config: MethodConfig) -> dict[str, torch.Tensor]:
+    spec = get_method(config.method)
+    if spec.kind != "cast":
+        return tensors
+    return {k: spec.solver(v, config) for k, v in tensors.items()}
+
+
+def _metadata(opened: OpenedModel, config: MethodConfig) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "method": config.method,
+        "config": config.to_dict(),
+        "architecture": opened.arch.name,
+        "source": opened.source.describe(),
+        "torch_version": torch.__version__,
+    }
+    if isinstance(config, WeightQuantConfig):
+        meta["scheme"] = config.scheme.to_dict()
+    return meta
+
+
+def _config_updates(opened: OpenedModel, config: MethodConfig) -> dict[str, Any]:
+    cast_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if config.method in cast_dtypes:
+        return {"dtype": dtype_name(cast_dtypes[config.method])}
+    return {}

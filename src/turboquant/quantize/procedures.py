@@ -1,0 +1,54 @@
+"""Block procedures: how a calibrated weight method quantizes one loaded decoder block.
+
+A method names its procedure on its registration (``MethodSpec.block_procedure``: ``HESSIAN`` for GPTQ,
+``ACTIVATION_SCALES`` for AWQ); the modules of ``quantize/`` register one function per name here. The pipeline
+looks the procedure up and never tests method names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from turboquant.errors import ConfigError
+from turboquant.io.model import OpenedModel
+from turboquant.methods.base import MethodConfig, get_method
+from turboquant.methods.mixed import base_method
+from turboquant.quantize.runner import BlockRunner
+from turboquant.tensor import QuantizedTensor
+
+#: Quantizes one loaded block in place; returns its quantized tensors and, when it computed it on the way, the
+#: quantized block's output over the calibration inputs (else None: the caller runs the block).
+BlockProcedure = Callable[[BlockRunner, nn.Module, OpenedModel, MethodConfig, str],
+                          tuple[dict[str, QuantizedTensor], torch.Tensor | None]]
+
+BLOCK_PROCEDURES: dict[str, BlockProcedure] = {}
+
+
+def block_procedure(name: str) -> Callable[[BlockProcedure], BlockProcedure]:
+    """Decorator registering the procedure for methods whose registration names ``name``."""
+
+    def wrap(fn: BlockProcedure) -> BlockProcedure:
+        if name in BLOCK_PROCEDURES:
+            raise RuntimeError(f"block procedure {name!r} registered twice")
+        BLOCK_PROCEDURES[name] = fn
+        return fn
+
+    return wrap
+
+
+def procedure_for(config: MethodConfig) -> BlockProcedure:
+    """The block procedure of ``config``'s method (of its base method, for mixed precision)."""
+    spec = get_method(base_method(config))
+    if spec.block_procedure not in BLOCK_PROCEDURES:
+        raise ConfigError(f"method '{spec.name}' has no block procedure for calibrated quantization",
+                          f"use one of {sorted(BLOCK_PROCEDURES)}' methods, or a calibration-free method")
+    return BLOCK_PROCEDURES[spec.block_procedure]
+
+
+def set_weight(block: nn.Module, name: str, qt: QuantizedTensor) -> None:
+    """Make the block compute with the quantized weight, so later groups and blocks see its error."""
+    linear = block.get_submodule(name)
+    linear.weight.data = qt.dequantize(torch.float32)

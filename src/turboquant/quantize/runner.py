@@ -1,0 +1,251 @@
+"""Block-sequential calibration: activations go through the model one decoder block at a time.
+
+The model skeleton lives on the ``meta`` device; only the embeddings and the current block hold real weights.
+Block ``i`` sees the outputs of blocks ``0..i-1`` *after* they were quantized (GPTQ's sequential mode), so each
+block's solver corrects the error accumulated before it. Statistics are accumulated in float32: per input group
+(linears that share an input) the Hessian proxy ``H = XᵀX / n`` and the mean ``|x|`` per input channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from turboquant.io.arch import BlockLayout
+from turboquant.io.model import OpenedModel, build_skeleton
+
+
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs: the rest of the block is not computed."""
+
+
+#: A forward pre-hook registered ``with_kwargs``: ``hook(module, args, kwargs)``.
+PreHook = Callable[[nn.Module, tuple, dict], None]
+
+
+@dataclass
+class InputStats:
+    """Accumulated statistics of one linear group's input: ``H = XᵀX / n`` and, when asked for, mean ``|x|``."""
+
+    H: torch.Tensor
+    abs_mean: torch.Tensor | None = None
+    n: int = 0
+
+    @classmethod
+    def empty(cls, features: int, abs_mean: bool = False) -> "InputStats":
+        return cls(torch.zeros(features, features), torch.zeros(features) if abs_mean else None)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = self.n + x.shape[0]
+        self.H.mul_(self.n / total).addmm_(x.T, x, alpha=1.0 / total)
+        if self.abs_mean is not None:
+            self.abs_mean.mul_(self.n / total).add_(x.abs().sum(0), alpha=1.0 / total)
+        self.n = total
+
+
+@dataclass
+class BlockRunner:
+    """Holds the current block inputs ``[n_samples, seqlen, hidden]`` and runs blocks over them in batches."""
+
+    opened: OpenedModel
+    skeleton: nn.Module
+    hidden: torch.Tensor
+    layer_kwargs: dict
+    batch_size: int = 8
+    _blocks: nn.ModuleList = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._blocks = self.skeleton.get_submodule(self.opened.arch.blocks_prefix)
+
+    @classmethod
+    def start(cls, opened: OpenedModel, input_ids: torch.Tensor, batch_size: int = 8) -> "BlockRunner":
+        """Embed the calibration tokens and prepare the per-block keyword arguments (RoPE, positions)."""
+        skeleton = build_skeleton(opened.source.path, dtype=torch.float32)
+        embed = skeleton.get_input_embeddings()
+        embed_name = next(n for n, m in skeleton.named_modules() if m is embed)
+        weight = opened.checkpoint.load([f"{embed_name}.weight"])[f"{embed_name}.weight"]
+        with torch.no_grad():
+            hidden = nn.functional.embedding(input_ids, weight.float())
+        del weight
+        base = skeleton.get_submodule(opened.arch.blocks_prefix.rpartition(".")[0])
+        rotary = type(base.rotary_emb)(config=skeleton.config)
+        position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = rotary(hidden[:1], position_ids)
+        kwargs = {"position_embeddings": (cos, sin), "position_ids": position_ids, "attention_mask": None}
+        return cls(opened, skeleton, hidden, kwargs, batch_size)
+
+    def load_block(self, index: int) -> nn.Module:
+        """Block ``index`` with its real weights in float32."""
+        block = self._blocks[index]
+        prefix = self.opened.arch.block_prefix(index)
+        state = {k.removeprefix(prefix): v.float() for k, v in self.opened.block(index).items()}
+        block.load_state_dict(state, strict=True, assign=True)
+        return block
+
+    def release_block(self, index: int) -> None:
+        self._blocks[index] = self._blocks[index].to("meta")
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output for every sample (batched to bound attention memory)."""
+        hidden = self.hidden if hidden is None else hidden
+        outs = [first_output(block(hidden[i : i + self.batch_size], **self.layer_kwargs))
+                for i in range(0, hidden.shape[0], self.batch_size)]
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def capture(self, block: nn.Module, linears: list[str], abs_mean: bool = False) -> dict[str, InputStats]:
+        """Input statistics of ``linears`` (names relative to the block); stops each pass once all were seen."""
+        modules = {name: block.get_submodule(name) for name in linears}
+        stats = {name: InputStats.empty(m.in_features, abs_mean) for name, m in modules.items()}
+        for i in range(0, self.hidden.shape[0], self.batch_size):
+            run_with_hooks(block, self.hidden[i : i + self.batch_size], self.layer_kwargs,
+                           _capture_hooks(modules, stats), batch=self.batch_size)
+        return stats
+
+    def advance(self, outputs: torch.Tensor) -> None:
+        self.hidden = outputs
+
+
+#: Largest MLP activation (``mlp_out``'s input for every sample) ``run_staged`` keeps; above it, it is recomputed.
+STAGE_CACHE_BYTES = 2 << 30
+
+Solve = Callable[[list[str], dict[str, "InputStats"]], None]
+
+
+@torch.no_grad()
+def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, groups: list[list[str]], solve: Solve
+               ) -> torch.Tensor:
+    """Capture, solve and run a pre-norm block one linear group at a time; returns the block's output.
+
+    ``groups`` are the four input groups in ``layout`` order (attention-norm readers, ``attn_out``, MLP-norm
+    readers, ``mlp_out``). Before each group's inputs are captured, ``solve(names, stats)`` has replaced the
+    weights of every earlier group, so each group sees the error of those before it (``true_sequential``) — at the
+    cost of about one block forward in all, instead of one per group: the attention runs once (its context is
+    kept for ``attn_out``), the residual sums are formed from kept pieces, and the output is assembled from them.
+    """
+    if len(groups) != 4:
+        raise ValueError(f"run_staged needs the 4 input groups of a pre-norm block, got {len(groups)}")
+    h, bs, kwargs = runner.hidden, runner.batch_size, runner.layer_kwargs
+    attn_norm, mlp_norm = block.get_submodule(layout.attn_norm), block.get_submodule(layout.mlp_norm)
+    attn, mlp = block.get_submodule(layout.attn), block.get_submodule(layout.mlp)
+    attn_out, mlp_out = block.get_submodule(layout.attn_out), block.get_submodule(layout.mlp_out)
+    batches = [slice(i, i + bs) for i in range(0, h.shape[0], bs)]
+
+    def stats_for(names: list[str], features: int) -> dict[str, InputStats]:
+        shared = InputStats.empty(features)
+        return {name: shared for name in names}
+
+    stats = stats_for(groups[0], h.shape[-1])
+    for b in batches:
+        stats[groups[0][0]].add(attn_norm(h[b]))
+    solve(groups[0], stats)
+
+    context = torch.empty(*h.shape[:2], attn_out.in_features)
+    stats = stats_for(groups[1], attn_out.in_features)
+    for b in batches:
+        context[b] = input_before(attn, attn_out, attn_norm(h[b]), kwargs)
+        stats[groups[1][0]].add(context[b])
+    solve(groups[1], stats)
+
+    h1 = torch.empty_like(h)
+    stats = stats_for(groups[2], h.shape[-1])
+    for b in batches:
+        torch.add(h[b], attn_out(context[b]), out=h1[b])
+        stats[groups[2][0]].add(mlp_norm(h1[b]))
+    del context
+    solve(groups[2], stats)
+
+    keep = h.shape[0] * h.shape[1] * mlp_out.in_features * 4 <= STAGE_CACHE_BYTES
+    act = torch.empty(*h.shape[:2], mlp_out.in_features) if keep else None
+    stats = stats_for(groups[3], mlp_out.in_features)
+    for b in batches:
+        m = input_before(mlp, mlp_out, mlp_norm(h1[b]))
+        stats[groups[3][0]].add(m)
+        if act is not None:
+            act[b] = m
+    solve(groups[3], stats)
+
+    for b in batches:
+        m = act[b] if act is not None else input_before(mlp, mlp_out, mlp_norm(h1[b]))
+        h1[b] += mlp_out(m)
+    return h1
+
+
+def input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
+    """What ``module(x, **kwargs)`` feeds its final linear ``last`` (the forward stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise StopForward
+
+    handle = last.register_forward_pre_hook(hook)
+    try:
+        module(x, **(kwargs or {}))
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{type(module).__name__} never called its output projection")
+    return seen[0]
+
+
+def _capture_hooks(modules: dict[str, nn.Module], stats: dict[str, InputStats]) -> list[tuple[nn.Module, PreHook]]:
+    """Pre-hooks feeding ``stats`` for one pass; inputs shared by several linears are accumulated once, and the pass
+    stops once every linear has seen its input."""
+    seen: set[str] = set()
+    shared: dict[int, tuple[torch.Tensor, str]] = {}  # holds the tensors so their ids cannot be reused
+
+    def hook_for(name: str) -> PreHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = input_of(args, kwargs)
+            key = shared.setdefault(id(x), (x, name))[1]
+            if key == name:
+                stats[name].add(x)
+            else:
+                stats[name] = stats[key]
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise StopForward
+
+        return hook
+
+    return [(m, hook_for(name)) for name, m in modules.items()]
+
+
+def run_with_hooks(block: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, hooks: list[tuple[nn.Module, PreHook]],
+                   batch: int) -> None:
+    """Run ``block`` over ``hidden`` ``batch`` samples at a time with ``hooks`` attached meanwhile; a hook that
+    raises ``StopForward`` ends that batch's forward early (nothing later in the block is needed).
+
+    ``layer_kwargs`` must broadcast over the batch (position embeddings with batch dimension 1).
+    """
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
+    try:
+        for i in range(0, hidden.shape[0], batch):
+            try:
+                block(hidden[i : i + batch], **layer_kwargs)
+            except StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The first input of a module call seen by a ``with_kwargs`` pre-hook."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """A module's main output (decoder layers and attention return tuples in some families)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+

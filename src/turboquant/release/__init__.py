@@ -1,0 +1,1 @@
+"""Shipping artifacts: Hub publishing, model cards, release keys, the watch list, reproduction and DVC."""

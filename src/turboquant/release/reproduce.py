@@ -1,0 +1,242 @@
+"""Rebuild an artifact from its ``manifest.json`` and compare the rebuild, file by file, with what was recorded.
+
+``turboquant reproduce MANIFEST`` fetches the exact model (a Hub repo at the recorded commit sha; a local directory
+only if its content hash matches), gets the calibration file at the recorded DVC md5 (the file on disk, else
+``dvc pull``, else DVC's local cache — all through the ``dvc`` command line, never an import), re-runs quantize
+with the recorded method config and export with the recorded format options into a fresh directory, and compares
+sha256s. On CPU with the recorded library versions every method and native writer is deterministic, so the
+verdict is ``identical`` for every file; where a library version or the device differs the report says the rebuild
+may not be bit-exact, and for differing weight files it reports the largest absolute difference of the
+(dequantized) tensors instead of a bare "different".
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from turboquant.errors import DataError, ModelLoadError, ProvenanceError
+from turboquant.formats import export
+from turboquant.fsutil import sha256_file
+from turboquant.io.calibration import load_calibration
+from turboquant.io.hub import fetch_snapshot
+from turboquant.io.manifest import MANIFEST_FILE, read_manifest, verify_files
+from turboquant.io.provenance import BIT_EXACT_LIBRARIES, library_versions, machine, md5_file, model_content_hash
+from turboquant.methods.base import make_config
+from turboquant.quantize.pipeline import quantize
+from turboquant.release.dvc import Dvc, find_dvc_root
+
+
+@dataclass
+class FileVerdict:
+    """One recorded file: ``identical``, ``DIFFERENT`` (with the numeric difference when computable) or
+    ``missing`` in the rebuild; ``on_disk`` says whether the artifact's own copy still matches the manifest."""
+
+    name: str
+    verdict: str
+    detail: str = ""
+    on_disk: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "identical" and self.on_disk in (None, "ok")
+
+    def line(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        disk = f"; artifact copy {self.on_disk}" if self.on_disk not in (None, "ok") else ""
+        return f"{self.verdict:10s} {self.name}{extra}{disk}"
+
+
+@dataclass
+class Reproduction:
+    """The per-file verdicts of one rebuild, and why it may legitimately differ (versions, device)."""
+
+    manifest: Path
+    rebuilt: Path
+    files: list[FileVerdict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: Files of the artifact itself that no longer match its manifest: ``modified``, ``missing`` or ``unlisted``.
+    tampered: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identical(self) -> bool:
+        return bool(self.files) and all(f.ok for f in self.files) and not self.tampered
+
+
+def project_root(manifest_path: Path) -> Path:
+    """Where the manifest's relative paths start: the DVC repository holding it, else the working directory."""
+    return find_dvc_root(manifest_path) or Path.cwd()
+
+
+def recorded_model(manifest: dict[str, Any], root: Path, override: Path | None = None) -> Path:
+    """The model the artifact was made from: the Hub repo at its recorded commit, or a local directory whose
+    content hash matches the recorded one."""
+    source = manifest.get("source") or {}
+    if source.get("repo_id") and override is None:
+
+        sha = source.get("commit_sha")
+        path, got = fetch_snapshot(source["repo_id"], sha)
+        if sha and got != sha:
+            raise ModelLoadError(f"the Hub returned commit {got} of {source['repo_id']}, not the recorded {sha}",
+                                 "check HF_ENDPOINT / the local cache")
+        return path
+    path = override or Path(source.get("path") or "")
+    path = path if path.is_absolute() else root / path
+    if not path.is_dir():
+        raise ModelLoadError(f"the source model {path} is not there",
+                             "restore it at that path or pass --model DIR holding the same files")
+    want = source.get("content_sha256")
+    if want and model_content_hash(path) != want:
+        raise ModelLoadError(f"the model at {path} does not match the manifest (content sha256 {want[:12]}…)",
+                             "restore the exact model files the artifact was made from")
+    return path
+
+
+def recorded_calibration(manifest: dict[str, Any], root: Path, pull: bool = True):
+    """The calibration set at the recorded DVC md5 (None for calibration-free methods)."""
+
+    calib = manifest.get("calibration")
+    if not calib:
+        return None
+    md5, rel = calib.get("dvc_md5"), calib.get("file")
+    if not (md5 and rel):
+        raise DataError("the manifest records a calibration recipe but no calibration file",
+                        "rebuild the artifact through `turboquant stage` / the flow, which record the file's md5")
+    path = Path(rel) if Path(rel).is_absolute() else root / rel
+    if not (path.is_file() and md5_file(path) == md5) and pull and find_dvc_root(path):
+        Dvc.at(path).pull([path])
+    if not (path.is_file() and md5_file(path) == md5):
+        dvc_root = find_dvc_root(path) or find_dvc_root(root)
+        cached = Dvc(dvc_root).cache_object(md5) if dvc_root else None
+        if cached is None or not cached.is_file():
+            raise ProvenanceError(f"calibration {rel} at md5 {md5} is neither on disk, in the DVC remote nor cache",
+                                  f"check out the commit that made the artifact ({(manifest.get('code') or {}).get('git_sha')}) and `dvc pull`")
+        path = cached
+    loaded = load_calibration(path)
+    loaded.provenance["file"] = rel  # where it lives in the project, whichever copy was read
+    return loaded
+
+
+def version_notes(manifest: dict[str, Any]) -> list[str]:
+    """Why this rebuild may not be bit-exact: library versions or the device that differ from the recorded ones."""
+    notes = []
+    recorded, now = manifest.get("libraries") or {}, library_versions()
+    for lib in BIT_EXACT_LIBRARIES:
+        if lib in recorded and recorded[lib] != now.get(lib):
+            notes.append(f"{lib} {recorded[lib]} was recorded, {now.get(lib)} is installed")
+    was, here = (manifest.get("machine") or {}).get("device"), machine()["device"]
+    if was and was != here:
+        notes.append(f"the artifact was made on {was}, this rebuild runs on {here}")
+    return notes
+
+
+def rebuild(manifest: dict[str, Any], model_dir: Path, calib, work: Path) -> Path:
+    """Re-run the recorded quantize and export steps into ``work``; returns the rebuilt artifact directory."""
+
+    cfg = dict(manifest["method_config"])
+    config = make_config(cfg.pop("method", manifest.get("method")), **cfg)
+    sequential = bool((manifest.get("calibration") or {}).get("sequential", True))
+    qdir = quantize(model_dir, config, work / "quantized", calib=calib, sequential=sequential, progress=False,
+                    overwrite=True)
+    options = {k: v for k, v in (manifest.get("format_options") or {}).items()}
+    return export(qdir, manifest["format"], work / "artifact", overwrite=True, **options)
+
+
+def compare(manifest: dict[str, Any], rebuilt: Path, original: Path | None) -> list[FileVerdict]:
+    """Per recorded file: the rebuild's sha256 against the manifest's, and the artifact's own copy too."""
+    out = []
+    for name, info in sorted(manifest["files"].items()):
+        mine, theirs = rebuilt / name, (original / name if original else None)
+        on_disk = None
+        if theirs is not None and original.is_dir():
+            on_disk = "missing" if not theirs.is_file() else (
+                "ok" if sha256_file(theirs) == info["sha256"] else "modified")
+        if not mine.is_file():
+            out.append(FileVerdict(name, "missing", "not produced by the rebuild", on_disk))
+        elif sha256_file(mine) == info["sha256"]:
+            out.append(FileVerdict(name, "identical", "", on_disk))
+        else:
+            ref = theirs if on_disk == "ok" else None
+            out.append(FileVerdict(name, "DIFFERENT", numeric_difference(mine, ref), on_disk))
+    return out
+
+
+def tampered_files(manifest_path: Path) -> dict[str, str]:
+    """Files of the artifact beside ``manifest_path`` that do not match it (changed, removed or added since
+    export); empty when the manifest is not an artifact's own ``manifest.json``."""
+
+    if manifest_path.name != MANIFEST_FILE:
+        return {}
+    return {name: state for name, state in verify_files(manifest_path.parent).items() if state != "ok"}
+
+
+def numeric_difference(mine: Path, ref: Path | None) -> str:
+    """The largest absolute difference of the (dequantized) tensors of two weight files, when computable."""
+    if ref is None:
+        return "sha256 differs; no matching copy of the original to compare numbers with"
+    try:
+        if mine.suffix == ".safetensors":
+            return _diff_tensors(_safetensors(mine), _safetensors(ref))
+        if mine.suffix == ".gguf":
+            return _diff_tensors(_gguf(mine), _gguf(ref))
+    except Exception as e:  # noqa: BLE001 - a report line, not a failure
+        return f"sha256 differs; tensors not comparable ({type(e).__name__})"
+    return "sha256 differs"
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _gguf(path: Path) -> dict[str, torch.Tensor]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32"))
+            for t in reader.tensors}
+
+
+def _diff_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:
+    if a.keys() != b.keys():
+        return f"tensor names differ ({len(a.keys() ^ b.keys())} not in both)"
+    worst, where, codes = 0.0, "", 0
+    for name in sorted(a):
+        x, y = a[name], b[name]
+        if x.shape != y.shape:
+            return f"{name}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        if x.is_floating_point():
+            d = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+            if d > worst:
+                worst, where = d, name
+        else:
+            codes += int((x != y).sum())
+    return f"max abs difference {worst:.3g}" + (f" in {where}" if where else "") + \
+        (f"; {codes} packed/integer elements differ" if codes else "")
+
+
+def reproduce(manifest_path: str | Path, out: Path | None = None, model: Path | None = None,
+              pull: bool = True) -> Reproduction:
+    """Rebuild the artifact of ``manifest_path`` (into ``out``, else a temporary directory that is removed)."""
+    manifest_path = Path(manifest_path)
+    if manifest_path.is_dir():
+        manifest_path = manifest_path / MANIFEST_FILE
+    manifest = read_manifest(manifest_path)
+    root = project_root(manifest_path.resolve())
+    model_dir = recorded_model(manifest, root, model)
+    calib = recorded_calibration(manifest, root, pull)
+    work = Path(out) if out else Path(tempfile.mkdtemp(prefix="tq-reproduce-"))
+    try:
+        rebuilt = rebuild(manifest, model_dir, calib, work)
+        result = Reproduction(manifest_path, rebuilt, compare(manifest, rebuilt, manifest_path.parent),
+                              version_notes(manifest), tampered_files(manifest_path))
+    finally:
+        if out is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
