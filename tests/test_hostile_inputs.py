@@ -537,9 +537,9 @@ def test_disk_full_while_writing_a_gguf(earlier, out, watched, hub, monkeypatch)
 
 
 def test_disk_full_while_quantizing(tiny_model, out, watched, hub, monkeypatch):
-    import turboquant.io.checkpoint as checkpoint
+    import safetensors.torch
 
-    monkeypatch.setattr(checkpoint, "save_file", _enospc_after(checkpoint.save_file, 0.3))
+    monkeypatch.setattr(safetensors.torch, "save_file", _enospc_after(safetensors.torch.save_file, 0.3))
     r = cli("quantize", tiny_model, *Q, "--out", out)
     assert_refused(r, r"the disk is full \(.*model-00001-of-00003\.safetensors\)", "free space", out, watched, hub)
 

@@ -210,7 +210,6 @@ def _lm_batches(module: nn.Module, calib_dataset: Any, samples: int, seqlen: int
 
 
 def _bnb(model: Any, cfg: MethodConfig, save_dir: Any, revision: str | None, overwrite: bool) -> nn.Module:
-
     if isinstance(model, nn.Module) and not hasattr(model, "save_pretrained"):
         if save_dir is not None:
             raise ConfigError(f"a {type(model).__name__} has no transformers checkpoint form",
@@ -220,7 +219,6 @@ def _bnb(model: Any, cfg: MethodConfig, save_dir: Any, revision: str | None, ove
         src = _save_module(model, Path(work) / "src", cfg.method) if isinstance(model, nn.Module) else model
         rev = None if isinstance(model, nn.Module) else revision
         if save_dir is None:
-
             return bnb_artifact.load_quantized(open_model(src, rev).source.path, cfg)
         out = write_bnb_artifact(src, cfg, save_dir, revision=rev, overwrite=overwrite)
     return reload_bnb(out)

@@ -104,5 +104,4 @@ def format_table(rows: list[DemoRow], baseline_ppl: float | None) -> str:
 
 
 def _fallback_text() -> str:
-
     return _FALLBACK_TEXT * 16

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
+import safetensors.torch
 
 from turboquant import faults
 from turboquant._version import __version__
@@ -67,7 +67,7 @@ class ShardWriter:
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         name = "model.safetensors" if self.single_file and self.total == 1 else shard_name(index, self.total)
         tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
-        save_file(tensors, str(self.root / name), metadata={"format": "pt"})
+        safetensors.torch.save_file(tensors, str(self.root / name), metadata={"format": "pt"})
         (self.root / name).chmod(0o644)
         faults.point(self.fault)
         for key, t in tensors.items():

@@ -34,7 +34,6 @@ def md5_file(path: str | Path) -> str:
 
 @lru_cache(maxsize=32)
 def _content_hash(path: str, stamp: tuple) -> str:
-
     return ModelSource(path=Path(path)).content_hash()
 
 

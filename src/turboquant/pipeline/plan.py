@@ -279,7 +279,6 @@ class PlannedCheckpoint:
 
     @classmethod
     def build(cls, model_dir: Path, config: MethodConfig) -> "PlannedCheckpoint":
-
         opened = open_model(model_dir)
         modules: dict[str, dict[str, Any]] = {}
         if isinstance(config, MixedPrecisionConfig):
@@ -315,11 +314,9 @@ class PlannedCheckpoint:
 
     @property
     def config(self) -> dict[str, Any]:
-
         return read_config(self.path)
 
     def scheme(self, module: str):
-
         return QuantScheme.from_dict(self.modules[module]["scheme"])
 
     def plain_names(self) -> list[str]:

@@ -44,7 +44,6 @@ def artifact_format(path: Path) -> str:
     if (path / METADATA_FILE).is_file():
         return "canonical"
     if (path / "config.json").is_file():
-
         return "bitsandbytes" if artifact_quantization(path) is not None else "hf"
     raise ModelLoadError(f"{path} is neither an exported artifact, a quantized checkpoint nor a model directory",
                          "pass a directory written by `turboquant export` or `turboquant quantize`")

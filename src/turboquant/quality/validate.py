@@ -159,7 +159,6 @@ def _baseline(base_model, ids: torch.Tensor, ctx: int, cache: str | Path | None)
 
 
 def _tasks(runtime, base_model, tokenizer, tasks, limit, cache) -> dict[str, dict[str, Any]]:
-
     ours = run_tasks(runtime, tokenizer, list(tasks), limit=limit)
     base_path = Path(f"{cache}.tasks.json") if cache else None
     key = json.dumps({"tasks": sorted(tasks), "limit": limit})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -28,11 +28,9 @@ from turboquant.quantize import sensitivity as mixed_precision
 from turboquant.quantize.procedures import procedure_for
 from turboquant.quantize.runner import BlockRunner
 from turboquant.tensor import QuantScheme
+from turboquant.io.calibration import CalibrationSet
 
 logger = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from turboquant.io.calibration import CalibrationSet
 
 
 def quantize(
@@ -44,7 +42,7 @@ def quantize(
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    calib: "CalibrationSet | None" = None,
+    calib: CalibrationSet | None = None,
     sequential: bool = True,
     batch_size: int = 8,
 ) -> Path:
@@ -61,7 +59,6 @@ def quantize(
     if isinstance(config, (WeightQuantConfig, MixedPrecisionConfig)):
         _check_scheme_fits(opened, config)
     if calib is not None:
-
         check_vocab(calib, int(opened.config.get("vocab_size", 0)) or 1 << 62)
     out = Path(out)
     n_shards = opened.n_layers + 1
@@ -119,7 +116,7 @@ class _BlockProgress:
 def _quantize_calibrated(
     opened: OpenedModel,
     config: MethodConfig,
-    calib: "CalibrationSet",
+    calib: CalibrationSet,
     writer: CheckpointWriter,
     sequential: bool,
     batch_size: int,
@@ -151,8 +148,6 @@ def _quantize_calibrated(
         runner.release_block(i)
         runner.advance(outputs)
         tick()
-
-
 
 
 def _check_scheme_fits(opened: OpenedModel, config: WeightQuantConfig | MixedPrecisionConfig) -> None:

@@ -91,11 +91,18 @@ class BlockRunner:
         self._blocks[index] = self._blocks[index].to("meta")
 
     @torch.no_grad()
-    def forward(self, block: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """The block's output for every sample (batched to bound attention memory)."""
+    def forward(self, block: nn.Module, hidden: torch.Tensor | None = None,
+                hooks: list[tuple[nn.Module, PreHook]] = ()) -> torch.Tensor:
+        """The block's output for every sample (batched to bound attention memory), with ``hooks`` attached
+        meanwhile (observers only: a forward that must return its output cannot stop early)."""
         hidden = self.hidden if hidden is None else hidden
-        outs = [first_output(block(hidden[i : i + self.batch_size], **self.layer_kwargs))
-                for i in range(0, hidden.shape[0], self.batch_size)]
+        handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
+        try:
+            outs = [first_output(block(hidden[i : i + self.batch_size], **self.layer_kwargs))
+                    for i in range(0, hidden.shape[0], self.batch_size)]
+        finally:
+            for h in handles:
+                h.remove()
         return torch.cat(outs)
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import reduce
-from typing import TYPE_CHECKING, Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
 import numpy as np
 import torch
@@ -35,10 +35,9 @@ from tqdm.auto import tqdm
 from turboquant.errors import ConfigError
 from turboquant.methods.mixed import MixedPrecisionConfig, quantize_weight
 from turboquant.quantize.runner import BlockRunner
+from turboquant.io.calibration import CalibrationSet
+from turboquant.io.model import OpenedModel
 
-if TYPE_CHECKING:
-    from turboquant.io.calibration import CalibrationSet
-    from turboquant.io.model import OpenedModel
 
 K = TypeVar("K", bound=Hashable)
 #: Largest number of budget units the dynamic program uses (memory: one int8 choice per unit per layer).
@@ -141,7 +140,7 @@ class Sensitivity:
 
 
 @torch.no_grad()
-def measure_sensitivity(opened: "OpenedModel", cfg: MixedPrecisionConfig, calib: "CalibrationSet",
+def measure_sensitivity(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: CalibrationSet,
                         batch_size: int = 8, progress: bool = False) -> Sensitivity:
     """``E[l, b]`` for every linear and candidate width (see the module docstring), one block at a time."""
 
@@ -187,7 +186,7 @@ def plan_bits(sens: Sensitivity, cfg: MixedPrecisionConfig) -> dict[str, int]:
     return allocate(costs, errors, cfg.target_bpw * params)
 
 
-def resolve(opened: "OpenedModel", cfg: MixedPrecisionConfig, calib: "CalibrationSet | None", batch_size: int = 8,
+def resolve(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: CalibrationSet | None, batch_size: int = 8,
             progress: bool = False, measure: Callable[..., Sensitivity] = measure_sensitivity
             ) -> tuple[MixedPrecisionConfig, Sensitivity | None]:
     """``cfg`` with its ``plan`` filled in (measured on ``calib``), and the sensitivity it came from.

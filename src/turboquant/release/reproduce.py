@@ -78,7 +78,6 @@ def recorded_model(manifest: dict[str, Any], root: Path, override: Path | None =
     content hash matches the recorded one."""
     source = manifest.get("source") or {}
     if source.get("repo_id") and override is None:
-
         sha = source.get("commit_sha")
         path, got = fetch_snapshot(source["repo_id"], sha)
         if sha and got != sha:

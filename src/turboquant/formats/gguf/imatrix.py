@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,10 +32,9 @@ from turboquant.errors import DataError
 from turboquant.io.arch import arch_for
 from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint
 from turboquant.io.model import ModelSource, open_model, OpenedModel
-from turboquant.quantize.runner import BlockRunner
+from turboquant.quantize.runner import BlockRunner, input_of
+from turboquant.io.calibration import CalibrationSet
 
-if TYPE_CHECKING:
-    from turboquant.io.calibration import CalibrationSet
 
 IMATRIX_TYPE = "imatrix"
 KEY_DATASETS = "imatrix.datasets"
@@ -75,7 +74,7 @@ class ImportanceMatrix:
 
 
 @torch.no_grad()
-def compute_imatrix(model: "str | Path | OpenedModel", calib: "CalibrationSet", *, batch_size: int = 8,
+def compute_imatrix(model: "str | Path | OpenedModel", calib: CalibrationSet, *, batch_size: int = 8,
                     dataset_name: str | None = None, progress: bool = False) -> ImportanceMatrix:
     """Sum of ``x²`` per input channel of every block linear over ``calib``, keyed by module name.
 
@@ -85,7 +84,6 @@ def compute_imatrix(model: "str | Path | OpenedModel", calib: "CalibrationSet", 
     passes do; the LM head is skipped, as llama-imatrix does unless told ``--process-output``.
     """
     from tqdm.auto import tqdm
-
 
     opened = open_for_imatrix(model)
     runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
@@ -97,13 +95,8 @@ def compute_imatrix(model: "str | Path | OpenedModel", calib: "CalibrationSet", 
         sums = {name: torch.zeros(block.get_submodule(name).in_features, dtype=torch.float64)
                 for name in opened.arch.linears}
         counts = dict.fromkeys(opened.arch.linears, 0)
-        handles = [block.get_submodule(name).register_forward_pre_hook(_accumulate(sums, counts, name))
-                   for name in opened.arch.linears]
-        try:
-            outputs = runner.forward(block)
-        finally:
-            for h in handles:
-                h.remove()
+        outputs = runner.forward(block, hooks=[(block.get_submodule(name), _accumulate(sums, counts, name))
+                                               for name in opened.arch.linears])
         for name in opened.arch.linears:
             out.sums[prefix + name] = sums[name].to(torch.float32).numpy()
             out.counts[prefix + name] = float(counts[name])
@@ -113,15 +106,16 @@ def compute_imatrix(model: "str | Path | OpenedModel", calib: "CalibrationSet", 
 
 
 def _accumulate(sums: dict[str, torch.Tensor], counts: dict[str, int], name: str):
-    def hook(_module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = input_of(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         sums[name] += x.square().sum(0)
         counts[name] += x.shape[0]
 
     return hook
 
 
-def _dataset_name(calib: "CalibrationSet") -> str:
+def _dataset_name(calib: CalibrationSet) -> str:
     sources = ",".join(Path(s).name for s in calib.recipe.sources)
     return f"{sources} ({calib.recipe.n_samples}x{calib.recipe.seqlen} tokens, seed {calib.recipe.seed})"
 

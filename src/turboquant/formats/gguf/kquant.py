@@ -35,7 +35,6 @@ def check_imatrix(imatrix, ckpt: QuantizedCheckpoint, names: gguf_model.NameMap)
 
 
 def load_imatrix_file(path):
-
     try:
         return read_imatrix(path)
     except DataError as e:
@@ -81,9 +80,7 @@ def llama_quantize(src: Path, dst: Path, ftype_name: str, imatrix=None, threads:
 
 
 def imatrix_for(ckpt: QuantizedCheckpoint, options: dict[str, Any], names: gguf_model.NameMap):
-
     if options.get("calib") is not None:
-
         calib = CalibrationSet.load(options["calib"])
         computed = compute_imatrix(ckpt.path, calib)
         return computed.renamed(lambda n: names.gguf_name(n + ".weight"))

@@ -87,7 +87,6 @@ def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
                           "pass --option calib=CALIB.safetensors (computed here) or --option imatrix=FILE "
                           f"(or imatrix={NO_IMATRIX} to quantize without one)")
     if calib is not None:
-
         check_vocab(CalibrationSet.load(calib), int(config["vocab_size"]))
     elif str(imatrix) != NO_IMATRIX:
         check_imatrix(load_imatrix_file(imatrix), ckpt, names)
@@ -202,7 +201,6 @@ def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> dict
     imatrix = imatrix_for(ckpt, options, names)
     extra: dict[str, Any] = {}
     if imatrix is not None:
-
         write_imatrix(out / IMATRIX_FILE, imatrix)
         extra = {"quantize.imatrix.file": IMATRIX_FILE, "quantize.imatrix.dataset": ", ".join(imatrix.datasets),
                  "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": imatrix.chunk_count}
