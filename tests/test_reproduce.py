@@ -106,3 +106,44 @@ def test_reproduce_refuses_a_changed_model(builds, tiny_model_copy, tmp_path):
                                    "--no-pull"])
     assert res.exit_code == 2 and "does not match the manifest" in res.output
     assert m["source"]["content_sha256"] and sha256_file(art / "manifest.json")
+
+
+@pytest.mark.parametrize("how", ["data", "calib"])
+def test_cli_artifacts_reproduce_from_another_working_directory(tiny_model, tmp_path, monkeypatch, how):
+    """An artifact made by plain CLI calls in one directory — calibration built on the fly with --data, or a file
+    passed with a relative --calib — rebuilds byte-identically from another directory (the model, the data and
+    the calibration file are found by their recorded hashes, not by the old working directory)."""
+    import shutil
+
+    made, elsewhere = tmp_path / "made", tmp_path / "elsewhere"
+    made.mkdir()
+    elsewhere.mkdir()
+    shutil.copytree(tiny_model, made / "model")
+    shutil.copyfile(CALIB / "tiny.txt", made / "tiny.txt")
+    monkeypatch.chdir(made)
+    recipe = ["--n-samples", "4", "--seqlen", "32"]
+    if how == "calib":
+        r = CliRunner().invoke(app, ["calibrate", "model", "--data", "tiny.txt", *recipe, "--out", "calib.safetensors"])
+        assert r.exit_code == 0, r.output
+        source = ["--calib", "calib.safetensors"]
+    else:
+        source = ["--data", "tiny.txt", *recipe]
+    r = CliRunner().invoke(app, ["quantize", "model", "--method", "gptq", "--bits", "4", "--group-size", "32",
+                                 *source, "--out", "q", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["export", "q", "--format", "gptq", "--out", "art"])
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((made / "art" / "manifest.json").read_text())
+    assert recorded["source"]["path"] == "model" and recorded["calibration"]["recipe"]["sources"] == ["tiny.txt"]
+    assert bool(recorded["calibration"].get("file")) == (how == "calib")
+    monkeypatch.chdir(elsewhere)
+    r = CliRunner().invoke(app, ["reproduce", str(made / "art" / "manifest.json"), "--no-pull"])
+    assert r.exit_code == 0, r.output
+    n = len(recorded["files"])
+    assert f"{n} of {n} files identical" in r.output and "DIFFERENT" not in r.output
+    # a changed calibration source is caught by its hash, not silently used
+    (made / "tiny.txt").write_text((made / "tiny.txt").read_text() + "more text\n")
+    if how == "calib":
+        (made / "calib.safetensors").write_bytes(b"")
+    r = CliRunner().invoke(app, ["reproduce", str(made / "art" / "manifest.json"), "--no-pull"])
+    assert r.exit_code == 2 and ("tiny.txt" in r.output or "calib.safetensors" in r.output), r.output

@@ -187,6 +187,7 @@ def build_calibration(recipe: CalibrationRecipe, tokenizer_dir: str | Path, max_
     windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
     provenance = {
         "sources_sha256": source_fingerprints(recipe.sources),
+        "sources_abs": {s: str(Path(s).resolve()) for s in recipe.sources if Path(s).is_file()},
         "tokenizer_sha256": tokenizer_hash(tokenizer_dir),
         "n_text_tokens": ids.numel(),
     }
@@ -226,7 +227,8 @@ def load_calibration(path: str | Path) -> "CalibrationSet":
     into the checkpoint and the manifest records as the calibration data's DVC md5."""
 
     calib = CalibrationSet.load(path)
-    calib.provenance = {**calib.provenance, "file": relative_to_cwd(path), "file_md5": md5_file(path)}
+    calib.provenance = {**calib.provenance, "file": relative_to_cwd(path), "file_abs": str(Path(path).resolve()),
+                        "file_md5": md5_file(path)}
     return calib
 
 

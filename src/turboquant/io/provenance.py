@@ -56,6 +56,7 @@ def source_record(source: dict[str, Any] | None) -> dict[str, Any] | None:
         return out
     path = Path(source.get("path") or "")
     out["path"] = relative_to_cwd(path)
+    out["abs_path"] = str(path.resolve())
     out["name"] = path.name
     out["content_sha256"] = model_content_hash(path) if path.is_dir() else None
     return out

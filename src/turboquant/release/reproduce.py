@@ -23,7 +23,7 @@ import torch
 from turboquant.errors import DataError, ModelLoadError, ProvenanceError
 from turboquant.formats import export
 from turboquant.fsutil import sha256_file
-from turboquant.io.calibration import load_calibration
+from turboquant.io.calibration import build_calibration, CalibrationRecipe, load_calibration
 from turboquant.io.hub import fetch_snapshot
 from turboquant.io.manifest import MANIFEST_FILE, read_manifest, verify_files
 from turboquant.io.provenance import BIT_EXACT_LIBRARIES, library_versions, machine, md5_file, model_content_hash
@@ -73,7 +73,22 @@ def project_root(manifest_path: Path) -> Path:
     return find_dvc_root(manifest_path) or Path.cwd()
 
 
-def recorded_model(manifest: dict[str, Any], root: Path, override: Path | None = None) -> Path:
+def recorded_paths(rel: str | None, absolute: str | None, root: Path, manifest_dir: Path) -> list[Path]:
+    """Where a recorded input may be now, most likely first: relative to the project root (the DVC repository,
+    else the working directory), at its recorded absolute path, or relative to a folder above the manifest (a run
+    reproduced from another working directory). The caller checks each against its recorded hash."""
+    out: list[Path] = []
+    if rel:
+        out.append(Path(rel) if Path(rel).is_absolute() else root / rel)
+    if absolute:
+        out.append(Path(absolute))
+    if rel and not Path(rel).is_absolute():
+        out += [a / rel for a in manifest_dir.resolve().parents]
+    return list(dict.fromkeys(out))
+
+
+def recorded_model(manifest: dict[str, Any], root: Path, override: Path | None = None,
+                   manifest_dir: Path | None = None) -> Path:
     """The model the artifact was made from: the Hub repo at its recorded commit, or a local directory whose
     content hash matches the recorded one."""
     source = manifest.get("source") or {}
@@ -84,33 +99,41 @@ def recorded_model(manifest: dict[str, Any], root: Path, override: Path | None =
             raise ModelLoadError(f"the Hub returned commit {got} of {source['repo_id']}, not the recorded {sha}",
                                  "check HF_ENDPOINT / the local cache")
         return path
-    path = override or Path(source.get("path") or "")
-    path = path if path.is_absolute() else root / path
-    if not path.is_dir():
-        raise ModelLoadError(f"the source model {path} is not there",
-                             "restore it at that path or pass --model DIR holding the same files")
     want = source.get("content_sha256")
-    if want and model_content_hash(path) != want:
-        raise ModelLoadError(f"the model at {path} does not match the manifest (content sha256 {want[:12]}…)",
-                             "restore the exact model files the artifact was made from")
-    return path
+    if override is not None:
+        candidates = [override]
+    else:
+        candidates = recorded_paths(source.get("path"), source.get("abs_path"), root, manifest_dir or root)
+    found = [p for p in candidates if p.is_dir()]
+    if not found:
+        raise ModelLoadError(f"the source model {source.get('path')} is not there",
+                             "restore it at that path or pass --model DIR holding the same files")
+    for path in found:
+        if not want or model_content_hash(path) == want:
+            return path
+    raise ModelLoadError(f"the model at {found[0]} does not match the manifest (content sha256 {want[:12]}…)",
+                         "restore the exact model files the artifact was made from")
 
 
-def recorded_calibration(manifest: dict[str, Any], root: Path, pull: bool = True):
-    """The calibration set at the recorded DVC md5 (None for calibration-free methods)."""
-
+def recorded_calibration(manifest: dict[str, Any], root: Path, pull: bool = True, model_dir: Path | None = None,
+                         manifest_dir: Path | None = None):
+    """The calibration set the artifact was made with (None for calibration-free methods): the recorded file at
+    its DVC md5 (on disk, ``dvc pull``, or DVC's cache), or — for a set built on the fly (``--data``) — rebuilt
+    from its recipe once every source file's sha256 and the tokenizer's match what was recorded."""
     calib = manifest.get("calibration")
     if not calib:
         return None
-    md5, rel = calib.get("dvc_md5"), calib.get("file")
-    if not (md5 and rel):
-        raise DataError("the manifest records a calibration recipe but no calibration file",
-                        "rebuild the artifact through `turboquant stage` / the flow, which record the file's md5")
-    path = Path(rel) if Path(rel).is_absolute() else root / rel
-    if not (path.is_file() and md5_file(path) == md5) and pull and find_dvc_root(path):
-        Dvc.at(path).pull([path])
-    if not (path.is_file() and md5_file(path) == md5):
-        dvc_root = find_dvc_root(path) or find_dvc_root(root)
+    manifest_dir = manifest_dir or root
+    if not calib.get("file"):
+        return _rebuilt_calibration(calib, root, manifest_dir, model_dir)
+    md5, rel = calib.get("dvc_md5"), calib["file"]
+    candidates = recorded_paths(rel, calib.get("file_abs"), root, manifest_dir)
+    path = next((p for p in candidates if p.is_file() and md5_file(p) == md5), None)
+    if path is None and pull and find_dvc_root(candidates[0]):
+        Dvc.at(candidates[0]).pull([candidates[0]])
+        path = candidates[0] if candidates[0].is_file() and md5_file(candidates[0]) == md5 else None
+    if path is None:
+        dvc_root = find_dvc_root(candidates[0]) or find_dvc_root(root)
         cached = Dvc(dvc_root).cache_object(md5) if dvc_root else None
         if cached is None or not cached.is_file():
             raise ProvenanceError(f"calibration {rel} at md5 {md5} is neither on disk, in the DVC remote nor cache",
@@ -119,6 +142,35 @@ def recorded_calibration(manifest: dict[str, Any], root: Path, pull: bool = True
     loaded = load_calibration(path)
     loaded.provenance["file"] = rel  # where it lives in the project, whichever copy was read
     return loaded
+
+
+def _rebuilt_calibration(calib: dict[str, Any], root: Path, manifest_dir: Path, model_dir: Path | None):
+    """The calibration set of an artifact quantized with ``--data``: the same recipe on the same bytes."""
+    recipe = calib.get("recipe")
+    if not recipe or model_dir is None:
+        raise DataError("the manifest records neither a calibration file nor a recipe to rebuild it from",
+                        "re-make the artifact with `turboquant calibrate` + `--calib`, or through the flow / DVC")
+    want = calib.get("sources_sha256") or {}
+    resolved = []
+    for src in recipe["sources"]:
+        if want.get(src) == "hub-dataset":
+            resolved.append(src)
+            continue
+        found = next((p for p in recorded_paths(src, (calib.get("sources_abs") or {}).get(src), root, manifest_dir)
+                      if p.is_file() and sha256_file(p) == want.get(src)), None)
+        if found is None:
+            raise ProvenanceError(f"calibration source {src} with sha256 {str(want.get(src))[:12]}… is not on disk",
+                                  "restore the exact source file (or run reproduce from the directory the artifact "
+                                  "was made in)")
+        resolved.append(str(found))
+    original = CalibrationRecipe.from_dict(recipe)
+    rebuilt = build_calibration(CalibrationRecipe(**{**original.to_dict(), "sources": tuple(resolved)}), model_dir)
+    if calib.get("tokenizer_sha256") and rebuilt.provenance["tokenizer_sha256"] != calib["tokenizer_sha256"]:
+        raise ProvenanceError("the model's tokenizer differs from the one the calibration set was built with",
+                              "reproduce with the exact source model")
+    rebuilt.recipe = original
+    rebuilt.provenance = {k: v for k, v in calib.items() if k not in ("recipe", "sequential", "dvc_md5")}
+    return rebuilt
 
 
 def version_notes(manifest: dict[str, Any]) -> list[str]:
@@ -228,8 +280,8 @@ def reproduce(manifest_path: str | Path, out: Path | None = None, model: Path | 
         manifest_path = manifest_path / MANIFEST_FILE
     manifest = read_manifest(manifest_path)
     root = project_root(manifest_path.resolve())
-    model_dir = recorded_model(manifest, root, model)
-    calib = recorded_calibration(manifest, root, pull)
+    model_dir = recorded_model(manifest, root, model, manifest_path.parent)
+    calib = recorded_calibration(manifest, root, pull, model_dir, manifest_path.parent)
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="tq-reproduce-"))
     try:
         rebuilt = rebuild(manifest, model_dir, calib, work)
