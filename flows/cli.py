@@ -1,5 +1,5 @@
-"""The orchestration commands of ``turboquant``: ``run`` (the whole plan as the Prefect flow quantize_model) and
-``nightly`` (one pass of the watch list).
+"""The orchestration commands of ``turboquant``: ``run`` (the whole plan as the Prefect flow quantize_model),
+``nightly`` (one pass of the watch list) and ``demo`` (the bundled example plan, run as ``run`` runs a plan).
 
 They live above the engine because they start Prefect flows; ``turboquant.cli`` loads them through the
 ``turboquant.cli`` entry-point group (``pyproject.toml``), so the engine never imports the flows it is driven by.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -43,7 +44,7 @@ def run(
     if placement == "pools":
         for q in plan.quantize:
             place_method(q.config.method)  # no pool with a worker for a method fails here too
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "turboquant")
+    _prefect_defaults()
     from flows.quantize_model import quantize_model
     from tasks.progress import plan_progress
 
@@ -73,7 +74,7 @@ def nightly(
 
     Plan.from_yaml(params)
     load_watch(watch)
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "turboquant")
+    _prefect_defaults()
     from flows.nightly import nightly as nightly_flow
 
     outcomes = nightly_flow(watch=str(watch), params=str(params), runs_root=str(runs_root), placement=placement)
@@ -84,7 +85,53 @@ def nightly(
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
+@handle_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Where the demo plan, its run and the report go."),
+    model: Optional[Path] = typer.Option(None, help="Model to use (default: ../shared/models/tq-ref-llama, "
+                                                   "else a tiny Llama the demo builds)."),
+    text: Optional[Path] = typer.Option(None, help="Evaluation text (default: ../shared/data/heldout/all.txt)."),
+    max_tokens: int = typer.Option(4096, help="Tokens of the text every artifact is validated on."),
+    progress: bool = typer.Option(True, help="Show a progress bar over the plan's steps."),
+) -> None:
+    """The whole product on the bundled model: calibrate, quantize with GPTQ / AWQ / RTN in parallel, export to
+    GGUF, GPTQ, AWQ, MLX and compressed-tensors, validate each in its runtime, gate, report."""
+    from turboquant.demo import demo_plan, verdict_table
+    from turboquant.pipeline.plan import Plan
+
+    params, notes = demo_plan(out, model, text, max_tokens)
+    for note in notes:
+        typer.echo(f"note: {note}")
+    plan = Plan.from_yaml(params)
+    typer.echo(f"demo plan {params}: {sum(len(q.formats) for q in plan.quantize)} artifacts from "
+               f"{len(plan.quantize)} quantizations of {plan.models[0].id}")
+    _prefect_defaults()
+    from flows.quantize_model import quantize_model
+    from tasks.progress import plan_progress
+
+    run_dir = out / "run"
+    with plan_progress(plan, enabled=progress):
+        verdicts = quantize_model(params=str(params), run_dir=str(run_dir), placement="local")
+    typer.echo(verdict_table(verdicts))
+    reports = sorted(run_dir.glob("*/report.html"))
+    passed = sum(v["passed"] for v in verdicts)
+    typer.echo(f"{passed} of {len(verdicts)} artifacts passed their gates; report: "
+               f"{reports[0] if reports else run_dir}")
+    if passed < len(verdicts):
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _prefect_defaults() -> None:
+    """Settings every command that starts flows runs with (the user's environment wins): our log lines in the
+    Prefect logs, and time for an embedded server to start on a busy machine (Prefect's default 20 s is not)."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "turboquant")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``run`` and ``nightly`` to the ``turboquant`` command line (the ``turboquant.cli`` entry point)."""
+    """Add ``run``, ``nightly`` and ``demo`` to the ``turboquant`` command line (the ``turboquant.cli`` entry
+    point)."""
     app.command()(run)
     app.command()(nightly)
+    app.command()(demo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ REF_MODEL = SHARED / "models" / "tq-ref-llama"
 HELDOUT = SHARED / "data" / "heldout" / "all.txt"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CALIB = SHARED / "data" / "calib"
+
+# Prefect's embedded server gets 20 s to start by default, which a busy 2-core machine misses; in-process flows and
+# Secret blocks of the tests use it (subprocesses get the same through prefect_server.prefect_env).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def pytest_configure(config):

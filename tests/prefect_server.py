@@ -22,12 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: How long an embedded (ephemeral) Prefect server may take to start: Prefect's 20 s default is missed on a busy
+#: 2-core machine (seen: the nightly test's Secret block timed out under load).
+EPHEMERAL_STARTUP_S = "180"
+
+
 def prefect_env(home: Path, api_url: str | None = None, base: dict[str, str] | None = None,
                 **extra: str) -> dict[str, str]:
     """``base`` (default: this process's environment) plus a private PREFECT_HOME, no analytics, quiet logs and
     persisted results; with ``api_url`` the runs go to that server instead of an embedded one."""
     env = {**(os.environ if base is None else base), "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", **extra}
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": EPHEMERAL_STARTUP_S, **extra}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env

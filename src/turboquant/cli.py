@@ -247,24 +247,6 @@ def methods() -> None:
 
 @app.command()
 @handle_errors
-def demo(
-    out: Path = typer.Option(Path("demo-out"), help="Working directory for the demo's outputs."),
-    model: Optional[Path] = typer.Option(None, help="Model to use (default: ../shared/models/tq-ref-llama, "
-                                                   "else a tiny Llama the demo builds)."),
-    text: Optional[Path] = typer.Option(None, help="Evaluation text (default: ../shared/data/heldout/all.txt)."),
-    max_tokens: int = typer.Option(16384, help="Tokens of the text to evaluate on."),
-) -> None:
-    """Quantize the bundled example with several methods and schemes and print a results table."""
-    from turboquant.demo import run_demo
-
-    run_demo(out, model, text, max_tokens)
-
-
-# ---- Hub commands (fetch, publish) ----
-
-
-@app.command()
-@handle_errors
 def fetch(
     repo: str = typer.Argument(..., help="Hub repo id, e.g. org/model."),
     revision: Optional[str] = typer.Option(None, help="Branch, tag or commit sha to pin (default: main)."),
