@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from turboquant.io.tiny import save_tiny_model
+from turboquant.io.tiny import FALLBACK_TEXT, save_tiny_model
 
 SHARED = Path("../shared")
 DEFAULT_MODEL = SHARED / "models" / "tq-ref-llama"
@@ -56,8 +56,7 @@ def demo_plan(out: Path, model: Path | None = None, text: Path | None = None, ma
         model = out / "tiny-llama"
         notes.append(f"{DEFAULT_MODEL} not found: a tiny random Llama was built at {model}")
         if not (model / "config.json").is_file():
-            save_tiny_model(model, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512,
-                            train_text=_fallback_text())
+            save_tiny_model(model, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
     plan = {
         "models": [{"id": str(Path(model).resolve())}],
         "calibration": {"data": data, "n_samples": n_samples, "seqlen": 512, "seed": 0},
@@ -91,9 +90,5 @@ def _num(x: Any, fmt: str) -> str:
     return format(x, fmt) if isinstance(x, (int, float)) else "—"
 
 
-_FALLBACK = ("The quick brown fox jumps over the lazy dog. A language model predicts the next word from the "
-             "words before it, and quantization stores its weights in fewer bits. ")
-
-
 def _fallback_text() -> str:
-    return _FALLBACK * 400
+    return FALLBACK_TEXT * 16

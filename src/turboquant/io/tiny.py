@@ -69,7 +69,7 @@ def save_tiny_model(
         for src in matching_files(tokenizer_from, TOKENIZER_FILES):
             shutil.copyfile(src, path / src.name)
     else:
-        train_tokenizer(train_text or _FALLBACK_TEXT, config.vocab_size).save_pretrained(path)
+        train_tokenizer(train_text or FALLBACK_TEXT, config.vocab_size).save_pretrained(path)
     return path
 
 
@@ -92,7 +92,8 @@ def train_tokenizer(text: str, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-_FALLBACK_TEXT = (
+#: Text a tiny model's tokenizer is trained on (and the demo calibrates on) when no other text is given.
+FALLBACK_TEXT = (
     "Quantization maps the weights of a neural network to a small set of integer levels. "
     "Round-to-nearest picks the closest level for every weight on its own; GPTQ corrects the error of each "
     "column using the inverse Hessian of the layer's inputs; AWQ protects the channels that see the largest "
