@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from prefect_server import EPHEMERAL_STARTUP_S
 from turboquant.io.tiny import save_tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -17,7 +18,7 @@ CALIB = SHARED / "data" / "calib"
 
 # Prefect's embedded server gets 20 s to start by default, which a busy 2-core machine misses; in-process flows and
 # Secret blocks of the tests use it (subprocesses get the same through prefect_server.prefect_env).
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_S)
 
 
 def pytest_configure(config):
