@@ -19,8 +19,8 @@ from turboquant.methods.awq import (AwqConfig, candidates, linear_error, quantiz
                                     search_clip, weight_mean)
 from turboquant.methods.base import ACTIVATION_SCALES, MethodConfig
 from turboquant.quantize.procedures import block_procedure, set_weight
-from turboquant.quantize.runner import (BlockRunner, PreHook, StopForward, first_output, input_before, input_of,
-                                        run_with_hooks)
+from turboquant.quantize.runner import (attached, BlockRunner, PreHook, StopForward, first_output, input_before,
+                                        input_of, run_with_hooks)
 from turboquant.tensor import QuantizedTensor, QuantScheme
 
 _BATCH_TOKENS = 8192  # tokens per block forward (bounds attention / MLP intermediates)
@@ -253,11 +253,8 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
         clip[g_qkv.linears[0]].take(x)
         calls.append(((x,), layer_kwargs))
         ctx: list[torch.Tensor] = []
-        handle = attn_out.register_forward_pre_hook(lambda _m, args: ctx.append(args[0]))
-        try:
+        with attached([(attn_out, lambda _m, args, kwargs: ctx.append(input_of(args, kwargs)))]):
             attn_ref.append(first_output(attn(x, **layer_kwargs)))
-        finally:
-            handle.remove()
         ctx_moments.add(ctx[0])
         clip[g_o.linears[0]].take(ctx[0])
     s_qkv = fold(g_qkv, lambda lins: _module_error(attn, calls, lins, cfg.scheme, attn_ref), x_moments.mean)

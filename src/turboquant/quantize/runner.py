@@ -8,8 +8,9 @@ block's solver corrects the error accumulated before it. Statistics are accumula
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -96,13 +97,9 @@ class BlockRunner:
         """The block's output for every sample (batched to bound attention memory), with ``hooks`` attached
         meanwhile (observers only: a forward that must return its output cannot stop early)."""
         hidden = self.hidden if hidden is None else hidden
-        handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
-        try:
+        with attached(hooks):
             outs = [first_output(block(hidden[i : i + self.batch_size], **self.layer_kwargs))
                     for i in range(0, hidden.shape[0], self.batch_size)]
-        finally:
-            for h in handles:
-                h.remove()
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -234,13 +231,20 @@ def run_with_hooks(block: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, h
 
     ``layer_kwargs`` must broadcast over the batch (position embeddings with batch dimension 1).
     """
-    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
-    try:
+    with attached(hooks):
         for i in range(0, hidden.shape[0], batch):
             try:
                 block(hidden[i : i + batch], **layer_kwargs)
             except StopForward:
                 pass
+
+
+@contextmanager
+def attached(hooks: Iterable[tuple[nn.Module, PreHook]]) -> Iterator[None]:
+    """``hooks`` registered as forward pre-hooks (``with_kwargs``) for the duration of the block, then removed."""
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
+    try:
+        yield
     finally:
         for h in handles:
             h.remove()
