@@ -53,6 +53,9 @@ def _write_float_dir(tensors: dict, model_dir: str, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("tie_word_embeddings"):  # the head is the embedding (stored once, as the source stores it)
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     for name in _AUX_FILES:
@@ -75,21 +78,30 @@ def _no_pin_memory() -> None:
     IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
-def _llmc_recipe(method: str):
+def _llmc_weights(bits: int, group_size: int, symmetric: bool) -> dict:
+    """A config group equal to the W{bits}A16 preset (int, min-max observer) with another group size."""
+    return {"group_0": {"targets": ["Linear"], "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric,
+                                                          "strategy": "group", "group_size": group_size}}}
+
+
+def _llmc_recipe(method: str, bits: int = 4, group_size: int = 128):
+    preset = bits == 4 and group_size == 128
     if method == "gptq":
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        # W4A16 preset: int4, symmetric, group 128, min-max observer. actorder left at its default ("static":
-        # columns by decreasing diag(H), group qparams fixed on the original weights up front).
-        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], block_size=128,
-                             dampening_frac=0.01)]
+        # W4A16 preset: int4, symmetric, group 128, min-max observer (other group sizes: the same as a config
+        # group). actorder left at its default ("static": columns by decreasing diag(H), group qparams fixed on
+        # the original weights up front).
+        scheme = {"scheme": "W4A16"} if preset else {"config_groups": _llmc_weights(bits, group_size, True)}
+        return [GPTQModifier(**scheme, targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01)]
     if method == "awq":
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
         # The non-deprecated form: the AWQ scale search as a transform, then RTN to W4A16_ASYM (int4, asym, g128).
+        scheme = {"scheme": "W4A16_ASYM"} if preset else {"config_groups": _llmc_weights(bits, group_size, False)}
         return [AWQModifier(duo_scaling=True, n_grid=20),
-                QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])]
+                QuantizationModifier(**scheme, targets="Linear", ignore=["lm_head"])]
     raise SystemExit(f"unknown method {method}")
 
 
@@ -138,7 +150,7 @@ def run_llmcompressor(args) -> dict:
     torch.set_num_threads(args.threads)
     model = _load_float_model(args.model)
     ds = load_from_disk(args.dataset)
-    recipe = _llmc_recipe(args.method)
+    recipe = _llmc_recipe(args.method, args.bits, args.group_size)
     if args.method == "awq":
         _no_pin_memory()
     from llmcompressor import oneshot
@@ -169,9 +181,11 @@ def run_gptqmodel(args) -> dict:
     torch.set_num_threads(args.threads)
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    # act-order with static groups and damp 0.01: the same GPTQ as llm-compressor's default and ours in this run
-    qcfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=True, static_groups=True,
-                          act_group_aware=False, damp_percent=0.01, true_sequential=True)
+    if args.tool_defaults:  # GPTQModel's own defaults (desc_act off, act_group_aware on, damp 0.05)
+        qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True)
+    else:  # act-order with static groups and damp 0.01: the same GPTQ as llm-compressor's default
+        qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, desc_act=True,
+                              static_groups=True, act_group_aware=False, damp_percent=0.01, true_sequential=True)
     model = GPTQModel.load(args.model, qcfg, device="cpu", dtype=torch.float32)
     ds = load_from_disk(args.dataset)
     calib = [{"input_ids": torch.tensor(r["input_ids"])[None], "attention_mask": torch.tensor(r["attention_mask"])[None]}
@@ -184,14 +198,14 @@ def run_gptqmodel(args) -> dict:
         shutil.rmtree(qdir)
     model.save(str(qdir))
     del model
-    state, checks = _gptqmodel_export(str(qdir), args.model)
+    state, checks = _gptqmodel_export(str(qdir), args.model, args.group_size)
     _write_float_dir(state, args.model, Path(args.out))
     return {"quantize_seconds": seconds, "export_checks": checks,
             "settings": {"quantize_config": {k: str(v) for k, v in qcfg.to_dict().items()},
                          "batch_size": args.batch_size, "n_samples": len(calib)}}
 
 
-def _gptqmodel_export(qdir: str, model_dir: str) -> tuple[dict, dict]:
+def _gptqmodel_export(qdir: str, model_dir: str, group_size: int = 128) -> tuple[dict, dict]:
     """Reload the packed checkpoint with GPTQModel and read each quantized linear's weight back as
     ``W^T = layer(I)`` (kernel-agnostic: whatever GPTQModel computes with is what is exported)."""
     import torch
@@ -214,7 +228,7 @@ def _gptqmodel_export(qdir: str, model_dir: str) -> tuple[dict, dict]:
                     out = out - bias.float()
                 state[name + ".weight"] = out.t().contiguous()
                 checks["quantized_linears"] += 1
-                g = state[name + ".weight"][:8].reshape(-1, 128)
+                g = state[name + ".weight"][:8].reshape(-1, group_size)
                 checks["max_levels"] = max(checks["max_levels"], max(int(torch.unique(r).numel()) for r in g))
     checks["kernel"] = sorted({type(m).__name__ for m in inner.modules() if hasattr(m, "qweight")})
     return state, checks
@@ -230,6 +244,9 @@ def main() -> None:
     p.add_argument("--report", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--tool-defaults", action="store_true", help="gptqmodel: its own default QuantizeConfig")
     args = p.parse_args()
     t_start = time.perf_counter()
     runner = run_llmcompressor if args.tool == "llmcompressor" else run_gptqmodel

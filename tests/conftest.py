@@ -95,7 +95,7 @@ def refused(tmp_path_factory):
     wide = save_tiny_model(root / "wide", hidden=96, intermediate=192, layers=1, heads=4, kv_heads=2, vocab=512)
     chan = quantize(wide, make_config("rtn", bits=4, group_size=-1), root / "chan", progress=False)
     calib = build_calibration(CalibrationRecipe(sources=(str(CALIB / "tiny.txt"),), n_samples=2, seqlen=32), wide)
-    act = quantize(wide, make_config("gptq", bits=4, group_size=32, act_order=True), root / "act", calib=calib,
+    act = quantize(wide, make_config("gptq", bits=4, group_size=32, act_order=True, static_groups=False), root / "act", calib=calib,
                    progress=False)
     return {"chan96": chan, "act_order": act}
 

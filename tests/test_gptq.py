@@ -66,11 +66,23 @@ def test_act_order_helps_with_outlier_channels():
     W, X, H = _data(3, outliers=4)
     err = {}
     for act_order in (False, True):
-        qt = quantize_weight(W, H, GptqConfig(bits=3, group_size=128, act_order=act_order))
+        qt = quantize_weight(W, H, GptqConfig(bits=3, group_size=128, act_order=act_order, static_groups=False))
         err[act_order] = _out_err(W, qt.dequantize(), X)
+    default = quantize_weight(W, H, GptqConfig(bits=3, group_size=128))  # act-order with static groups
+    err["static"] = _out_err(W, default.dequantize(), X)
     rtn = _out_err(W, rtn_quantize(W, QuantScheme(3, 128, True)).dequantize(), X)
     assert err[True] <= err[False] <= rtn
     assert err[True] <= 0.5 * rtn
+    assert default.g_idx is None and err["static"] <= err[False], err
+
+
+def test_defaults_are_static_act_order_with_gptaq():
+    """The defaults since issue 21: llm-compressor's "static" act-order (contiguous groups, every format holds
+    them) and GPTAQ's asymmetric target; the rest as in AutoGPTQ."""
+    cfg = GptqConfig()
+    assert (cfg.act_order, cfg.static_groups, cfg.gptaq, cfg.true_sequential, cfg.mse_clip) == (True, True, True,
+                                                                                                 True, False)
+    assert (cfg.damp_percent, cfg.block_size) == (0.01, 128)
 
 
 @pytest.mark.parametrize("block_size", [1, 48, 128, 512])
@@ -78,7 +90,8 @@ def test_act_order_helps_with_outlier_channels():
 def test_blocked_solver_matches_unblocked_float64_reference(block_size, group_size):
     # block 48 / group 32 makes groups start mid-block and spill past it (their scale needs the pending update)
     W, X, H = _data(1)
-    cfg = GptqConfig(bits=4, group_size=group_size, symmetric=False, block_size=block_size)
+    cfg = GptqConfig(bits=4, group_size=group_size, symmetric=False, block_size=block_size, act_order=False,
+                     static_groups=False)
     _, Q = quantize_weight_with_q(W, H, cfg)
     ref = _naive_gptq(W, H, cfg.scheme)
     rows_equal = (Q.double() == ref).all(dim=1).float().mean().item()
@@ -102,7 +115,7 @@ def test_diagonal_hessian_reduces_to_rtn(group_size, mse_clip, act_order):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_act_order_groups_layout_and_exact_dequantize(symmetric):
     W, X, H = _data(4, outliers=4)
-    cfg = GptqConfig(bits=4, group_size=32, symmetric=symmetric, act_order=True)
+    cfg = GptqConfig(bits=4, group_size=32, symmetric=symmetric, act_order=True, static_groups=False)
     qt, Q = quantize_weight_with_q(W, H, cfg)
     assert qt.g_idx is not None and qt.g_idx.dtype == torch.int32 and qt.g_idx.shape == (256,)
     assert torch.bincount(qt.g_idx.long(), minlength=8).tolist() == [32] * 8
@@ -134,7 +147,7 @@ def test_deterministic_dead_inputs_and_inputs_untouched():
     X[:, 7] = 0
     H = X.t() @ X  # input 7 never fires: diag(H)[7] == 0
     W16, H0 = W.half(), H.clone()
-    cfg = GptqConfig(bits=4, group_size=64, symmetric=False, act_order=True)
+    cfg = GptqConfig(bits=4, group_size=64, symmetric=False, act_order=True, static_groups=False)
     a, b = quantize_weight(W16, H, cfg), quantize_weight(W16, H, cfg)
     for x, y in ((a.codes, b.codes), (a.scale, b.scale), (a.zero, b.zero), (a.g_idx, b.g_idx)):
         assert x.numpy().tobytes() == y.numpy().tobytes()
@@ -190,3 +203,33 @@ def test_config_round_trip_and_registry():
 def test_bad_config_values_rejected(bad):
     with pytest.raises(ConfigError):
         GptqConfig(**bad)
+
+
+def test_gptaq_without_input_shift_is_plain_gptq():
+    W, X, H = _data(5, d_in=128, d_out=64)
+    plain = quantize_weight(W, H, GptqConfig(bits=4, group_size=32))
+    same = quantize_weight(W, H, GptqConfig(bits=4, group_size=32, gptaq=True), D=torch.zeros_like(H))
+    unused = quantize_weight(W, H, GptqConfig(bits=4, group_size=32, gptaq=True))  # no float stream: plain GPTQ
+    assert torch.equal(plain.codes, same.codes) and torch.equal(plain.scale, same.scale)
+    assert torch.equal(plain.codes, unused.codes)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptaq_fits_the_float_models_output(act_order):
+    """Inputs X carry the error of earlier quantized layers (X = X_float + E): GPTAQ's Q X tracks W X_float."""
+    W, Xf, _ = _data(6, d_in=128, d_out=64)
+    g = torch.Generator().manual_seed(7)
+    X = Xf + 0.3 * Xf @ (torch.randn(128, 128, generator=g) / math.sqrt(128)) * Xf.std(0)
+    H, D = X.t() @ X, (Xf - X).t() @ X
+    cfg = dict(bits=4, group_size=32, act_order=act_order, static_groups=act_order)
+    err = {}
+    for gptaq in (False, True):
+        qt = quantize_weight(W, H, GptqConfig(**cfg, gptaq=gptaq), D=D)
+        err[gptaq] = (qt.dequantize().float() @ X.t() - W @ Xf.t()).pow(2).sum().item()
+    assert err[True] <= 0.5 * err[False], err
+
+
+def test_gptaq_config_validated():
+    assert GptqConfig.from_json(GptqConfig(gptaq=True).to_json()).gptaq is True
+    with pytest.raises(ConfigError):
+        GptqConfig(gptaq="yes")

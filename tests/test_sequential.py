@@ -118,3 +118,30 @@ def test_sequential_flag_changes_inputs_of_later_blocks(tmp_path, tiny_model, id
     last = "model.layers.1.mlp.down_proj"
     assert torch.equal(seq.quantized_tensor(first).codes, par.quantized_tensor(first).codes)
     assert not torch.equal(seq.quantized_tensor(last).codes, par.quantized_tensor(last).codes)
+
+
+def test_staged_float_stream_for_gptaq(tiny_model, ids, one_thread):
+    """With a float reference block, the float stream advances to the float block's output and every group's
+    cross term D = (X_float - X)ᵀ X / n is what the two streams give (zero while they agree)."""
+    import copy
+
+    opened = open_model(tiny_model)
+    runner = BlockRunner.start(opened, ids, batch_size=4)
+    block = runner.load_block(0)
+    expected = runner.forward(block)
+    runner.float_hidden = runner.hidden + 0.01 * torch.randn_like(runner.hidden)  # a float stream that differs
+    expected_float = runner.forward(block, runner.float_hidden)
+    x0_float = block.input_layernorm(runner.float_hidden).reshape(-1, 64)
+    x0 = block.input_layernorm(runner.hidden).reshape(-1, 64)
+    seen = {}
+
+    def solve(names, stats):
+        seen.update({n: stats[n] for n in names})
+
+    groups = [list(g.linears) for g in opened.arch.groups]
+    out = run_staged(runner, block, opened.arch.layout, groups, solve, reference=copy.deepcopy(block))
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(runner.float_hidden, expected_float, atol=1e-6)
+    D = seen["self_attn.q_proj"].D
+    assert torch.allclose(D, (x0_float - x0).T @ x0 / x0.shape[0], atol=1e-6)
+    assert all(seen[n].D is not None and seen[n].D.abs().sum() > 0 for n in seen)

@@ -9,9 +9,13 @@ time, so the bulk of the work is one matrix product per block.
 
 This is a pure solver: the pipeline accumulates ``H`` per linear and calls ``quantize_weight``. Details follow
 the reference implementations: dead inputs, relative damping, act-order (``desc_act``), static groups and
-AutoGPTQ's ``g_idx`` convention. One deliberate difference: a group that starts mid-block takes its scale from
-the weights as updated by *every* earlier column (the reference uses the block-start values there; the two
-agree whenever ``group_size`` is a multiple of ``block_size``, as with the default 128 / 128).
+AutoGPTQ's ``g_idx`` convention. Defaults: act-order with static groups (llm-compressor's default "static"
+ordering: no ``g_idx``, so every format can hold the result) and GPTAQ's asymmetric target (below), which on
+deep models removes error the layers before left in the inputs (``benchmarks/gptq_depth.py``).
+
+One deliberate difference: a group that starts mid-block takes its scale from the weights as updated by *every*
+earlier column (the reference uses the block-start values there; the two agree whenever ``group_size`` is a
+multiple of ``block_size``, as with the default 128 / 128).
 """
 
 from __future__ import annotations
@@ -36,19 +40,26 @@ class GptqConfig(WeightQuantConfig):
     ``damp_percent``: fraction of the mean Hessian diagonal added to the diagonal (numerical stability);
     ``block_size``: lazy-update width (speed only; results match up to float rounding);
     ``act_order``: quantize columns by decreasing ``diag(H)`` (salient inputs first, so their error is absorbed
-    by the many columns still open);
+    by the many columns still open); on by default;
     ``static_groups``: fit every group's scale on the original weights up front (with or without ``act_order``),
-    so groups stay contiguous (no ``g_idx``) even with ``act_order``;
+    so groups stay contiguous (no ``g_idx``) even with ``act_order``; on by default (``false`` with
+    ``act_order``: groups formed in act-order, ``g_idx``, only the gptq and compressed-tensors formats hold it);
     ``true_sequential``: the pipeline re-collects inputs after each sub-layer of a block (unused by the solver);
-    ``mse_clip``: search each group's clipping range (RTN's MSE search) instead of using min/max.
+    ``mse_clip``: search each group's clipping range (RTN's MSE search) instead of using min/max;
+    ``gptaq``: asymmetric calibration (GPTAQ, Li et al., 2025, arXiv:2504.02692): fit ``Q X`` to the *float*
+    model's output ``W X_float`` instead of ``W X``, so each layer also undoes the error the quantized layers
+    before it left in its input ``X`` (the pipeline then carries the float model's activations beside the
+    quantized ones; it needs ``true_sequential`` and a pre-norm block layout, else it is plain GPTQ); on by
+    default (it costs about one more float forward of every block and a second ``XᵀX``-sized product).
     """
 
     damp_percent: float = 0.01
     block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     true_sequential: bool = True
     mse_clip: bool = False
+    gptaq: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,7 +71,7 @@ class GptqConfig(WeightQuantConfig):
         check_type("block_size", self.block_size, int, "use a positive integer number of columns, e.g. 128")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} is not positive", "use a positive integer, e.g. 128")
-        for name in ("act_order", "static_groups", "true_sequential", "mse_clip"):
+        for name in ("act_order", "static_groups", "true_sequential", "mse_clip", "gptaq"):
             check_type(name, getattr(self, name), bool, "use true or false")
 
     @property
@@ -95,7 +106,7 @@ def _inverse_hessian_factor(H: torch.Tensor, damp_percent: float, shape: tuple[i
 
 
 def quantize_weight_with_q(
-    W: torch.Tensor, H: torch.Tensor, cfg: GptqConfig, *, name: str = "this layer"
+    W: torch.Tensor, H: torch.Tensor, cfg: GptqConfig, *, name: str = "this layer", D: torch.Tensor | None = None
 ) -> tuple[QuantizedTensor, torch.Tensor]:
     """``quantize_weight`` that also returns the solver's float32 ``Q`` ``[out, in]`` (original column order).
 
@@ -117,6 +128,8 @@ def quantize_weight_with_q(
     dead = H.diagonal() == 0  # inputs that never fired: any weight works, quantize them as exact zeros
     H.diagonal()[dead] = 1
     W_[:, dead] = 0
+    if cfg.gptaq and D is not None:
+        W_ = _asymmetric_target(W_, H, D.detach().to(dev, torch.float32), cfg.damp_percent)
 
     gs, qmax = scheme.group_size, scheme.qmax
     rcfg = RtnConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, mse_clip=cfg.mse_clip)
@@ -172,6 +185,20 @@ def quantize_weight_with_q(
     return qt, Q.t().contiguous()
 
 
+def _asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """GPTAQ's target ``W* = W + W D (H + damp I)^-1``: ``|| Q X - W X_float ||²`` equals ``|| (Q - W*) X ||²`` plus
+    a constant (``W* X`` is the least-squares fit of ``W X_float`` on ``X``, ``D = (X_float - X)ᵀ X / n``), so
+    GPTQ on ``W*`` with the usual ``H`` solves the asymmetric problem. Damped as the solver damps ``H``; when that
+    is not positive definite the correction is skipped (plain GPTQ)."""
+    Hd = H.clone()
+    Hd.diagonal().add_(H.diagonal().mean() * damp_percent)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if info.item() != 0:
+        return W
+    corr = torch.cholesky_solve((W @ D).t(), L).t()
+    return W + corr if bool(torch.isfinite(corr).all()) else W
+
+
 def _fit_group(
     Wt: torch.Tensor, Hinv: torch.Tensor, Err1: torch.Tensor, i1: int, i2: int, j: int, gs: int, rcfg: RtnConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,9 +218,11 @@ def _fit_group(
     "gptq", GptqConfig, "GPTQ: Hessian-aware error feedback from calibration data (act-order, groups)",
     kind="weight", needs_calibration=True, devices=("cuda", "cpu"), block_procedure=HESSIAN,
 )
-def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GptqConfig, *, name: str = "this layer") -> QuantizedTensor:
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GptqConfig, *, name: str = "this layer",
+                    D: torch.Tensor | None = None) -> QuantizedTensor:
     """GPTQ-quantize ``W`` ``[out, in]`` given ``H`` ``[in, in]`` = sum of ``x x^T`` over calibration tokens.
 
-    ``name`` (the layer's) only appears in error messages.
+    ``D`` (with ``cfg.gptaq``): ``(X_float - X)ᵀ X`` on the same scale as ``H``. ``name`` (the layer's) only
+    appears in error messages.
     """
-    return quantize_weight_with_q(W, H, cfg, name=name)[0]
+    return quantize_weight_with_q(W, H, cfg, name=name, D=D)[0]

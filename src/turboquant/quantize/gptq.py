@@ -2,10 +2,13 @@
 
 The solver (``methods.gptq.quantize_weight``) is pure; this module decides which inputs it sees: with
 ``true_sequential`` each group's Hessian comes from the block as quantized so far, and pre-norm blocks run staged
-(``runner.run_staged``: one sub-layer at a time, about one block forward in all).
+(``runner.run_staged``: one sub-layer at a time, about one block forward in all). With ``gptaq`` the staged run
+also carries the float model's activations, so each group's solver sees the cross term ``D`` it needs.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -18,29 +21,39 @@ from turboquant.quantize.runner import BlockRunner, InputStats, run_staged
 from turboquant.tensor import QuantizedTensor
 
 
-@block_procedure(HESSIAN)
+def wants_float_stream(opened: OpenedModel, config: MethodConfig) -> bool:
+    """GPTAQ fits the float model's layer outputs, so its solver needs the float model's activations."""
+    cfg = module_config(config, opened.arch.block_prefix(0) + opened.arch.groups[0].linears[0])
+    return bool(getattr(cfg, "gptaq", False))
+
+
+@block_procedure(HESSIAN, float_stream=wants_float_stream)
 def gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig,
-                prefix: str) -> tuple[dict[str, QuantizedTensor], torch.Tensor | None]:
+               prefix: str) -> tuple[dict[str, QuantizedTensor], torch.Tensor | None]:
     """GPTQ per linear group; with ``true_sequential`` each group's inputs come from the block as quantized so far.
 
     Pre-norm blocks run staged (one sub-layer at a time, about one block forward in all); other layouts
-    re-capture from the block input after each group.
+    re-capture from the block input after each group. With the float stream (GPTAQ) an unquantized copy of the
+    block runs beside on the float model's activations, which it then advances.
     """
 
     out: dict[str, QuantizedTensor] = {}
+    reference = copy.deepcopy(block) if runner.float_hidden is not None else None
 
     def solve(names: list[str], stats: dict[str, InputStats]) -> None:
         for name in names:
             W = block.get_submodule(name).weight.data
-            out[name] = quantize_weight(W, stats[name].H, module_config(config, prefix + name), name=prefix + name)
+            out[name] = quantize_weight(W, stats[name].H, module_config(config, prefix + name), name=prefix + name,
+                                        D=stats[name].D)
             set_weight(block, name, out[name])
 
     groups = [list(g.linears) for g in opened.arch.groups]
+    if module_config(config, prefix + groups[0][0]).true_sequential and opened.arch.layout is not None:
+        return out, run_staged(runner, block, opened.arch.layout, groups, solve, reference)
     if not module_config(config, prefix + groups[0][0]).true_sequential:
-        solve([name for g in groups for name in g], runner.capture(block, [name for g in groups for name in g]))
-        return out, None
-    if opened.arch.layout is not None:
-        return out, run_staged(runner, block, opened.arch.layout, groups, solve)
+        groups = [[name for g in groups for name in g]]
     for names in groups:
-        solve(names, runner.capture(block, names))
+        solve(names, runner.capture(block, names, reference=reference))
+    if reference is not None:
+        runner.float_hidden = runner.forward(reference, runner.float_hidden)
     return out, None

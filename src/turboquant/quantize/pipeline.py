@@ -18,17 +18,16 @@ from tqdm.auto import tqdm
 
 from turboquant.errors import ConfigError
 from turboquant.fsutil import atomic_output_dir
-from turboquant.io.calibration import check_vocab
+from turboquant.io.calibration import CalibrationSet, check_vocab
 from turboquant.io.checkpoint import CheckpointWriter, dtype_name
 from turboquant.io.model import check_finite, open_model, OpenedModel
 from turboquant.methods import get_method, MethodConfig
 from turboquant.methods.base import WeightQuantConfig
 from turboquant.methods.mixed import base_method, MixedPrecisionConfig, module_config
 from turboquant.quantize import sensitivity as mixed_precision
-from turboquant.quantize.procedures import procedure_for
+from turboquant.quantize.procedures import needs_float_stream, procedure_for
 from turboquant.quantize.runner import BlockRunner
 from turboquant.tensor import QuantScheme
-from turboquant.io.calibration import CalibrationSet
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +124,8 @@ def _quantize_calibrated(
     """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs."""
     procedure = procedure_for(config)
     runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
+    if needs_float_stream(opened, config):
+        runner.float_hidden = runner.hidden.clone()
     for i in range(opened.n_layers):
         block = runner.load_block(i)
         check_finite({opened.arch.block_prefix(i) + k: v for k, v in block.state_dict().items()})

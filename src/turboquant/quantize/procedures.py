@@ -24,16 +24,24 @@ from turboquant.tensor import QuantizedTensor
 BlockProcedure = Callable[[BlockRunner, nn.Module, OpenedModel, MethodConfig, str],
                           tuple[dict[str, QuantizedTensor], torch.Tensor | None]]
 
+#: Whether a procedure, for this model and config, needs the float model's activations carried beside the
+#: quantized ones (``BlockRunner.float_hidden``), e.g. GPTAQ's asymmetric target.
+FloatStream = Callable[[OpenedModel, MethodConfig], bool]
+
 BLOCK_PROCEDURES: dict[str, BlockProcedure] = {}
+FLOAT_STREAMS: dict[str, FloatStream] = {}
 
 
-def block_procedure(name: str) -> Callable[[BlockProcedure], BlockProcedure]:
+def block_procedure(name: str, float_stream: FloatStream | None = None
+                    ) -> Callable[[BlockProcedure], BlockProcedure]:
     """Decorator registering the procedure for methods whose registration names ``name``."""
 
     def wrap(fn: BlockProcedure) -> BlockProcedure:
         if name in BLOCK_PROCEDURES:
             raise RuntimeError(f"block procedure {name!r} registered twice")
         BLOCK_PROCEDURES[name] = fn
+        if float_stream is not None:
+            FLOAT_STREAMS[name] = float_stream
         return fn
 
     return wrap
@@ -46,6 +54,12 @@ def procedure_for(config: MethodConfig) -> BlockProcedure:
         raise ConfigError(f"method '{spec.name}' has no block procedure for calibrated quantization",
                           f"use one of {sorted(BLOCK_PROCEDURES)}' methods, or a calibration-free method")
     return BLOCK_PROCEDURES[spec.block_procedure]
+
+
+def needs_float_stream(opened: OpenedModel, config: MethodConfig) -> bool:
+    """Whether sequential quantization of ``opened`` with ``config`` must carry the float model's activations."""
+    wants = FLOAT_STREAMS.get(get_method(base_method(config)).block_procedure)
+    return bool(wants and wants(opened, config))
 
 
 def set_weight(block: nn.Module, name: str, qt: QuantizedTensor) -> None:

@@ -2,8 +2,10 @@
 
 The model skeleton lives on the ``meta`` device; only the embeddings and the current block hold real weights.
 Block ``i`` sees the outputs of blocks ``0..i-1`` *after* they were quantized (GPTQ's sequential mode), so each
-block's solver corrects the error accumulated before it. Statistics are accumulated in float32: per input group
-(linears that share an input) the Hessian proxy ``H = XᵀX / n`` and the mean ``|x|`` per input channel.
+block's solver works on the inputs it will really get. Statistics are accumulated in float32: per input group
+(linears that share an input) the Hessian proxy ``H = XᵀX / n``, the mean ``|x|`` per input channel, and — when the
+runner also carries the float model's activations (``float_hidden``, for GPTAQ) — the cross term
+``D = (X_float - X)ᵀ X / n`` between the float model's input of the group and this (quantized-path) input.
 """
 
 from __future__ import annotations
@@ -29,22 +31,28 @@ PreHook = Callable[[nn.Module, tuple, dict], None]
 
 @dataclass
 class InputStats:
-    """Accumulated statistics of one linear group's input: ``H = XᵀX / n`` and, when asked for, mean ``|x|``."""
+    """Accumulated statistics of one linear group's input ``X``: ``H = XᵀX / n``, when asked for the mean ``|x|``,
+    and with ``cross`` the term ``D = (X_float - X)ᵀ X / n`` against the float model's input ``X_float``."""
 
     H: torch.Tensor
     abs_mean: torch.Tensor | None = None
     n: int = 0
+    D: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, features: int, abs_mean: bool = False) -> "InputStats":
-        return cls(torch.zeros(features, features), torch.zeros(features) if abs_mean else None)
+    def empty(cls, features: int, abs_mean: bool = False, cross: bool = False) -> "InputStats":
+        return cls(torch.zeros(features, features), torch.zeros(features) if abs_mean else None,
+                   D=torch.zeros(features, features) if cross else None)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         total = self.n + x.shape[0]
         self.H.mul_(self.n / total).addmm_(x.T, x, alpha=1.0 / total)
         if self.abs_mean is not None:
             self.abs_mean.mul_(self.n / total).add_(x.abs().sum(0), alpha=1.0 / total)
+        if self.D is not None:
+            delta = x_float.reshape(x.shape).float() - x
+            self.D.mul_(self.n / total).addmm_(delta.T, x, alpha=1.0 / total)
         self.n = total
 
 
@@ -57,6 +65,8 @@ class BlockRunner:
     hidden: torch.Tensor
     layer_kwargs: dict
     batch_size: int = 8
+    #: the float model's block inputs for the same samples, when a method needs them (GPTAQ); else None
+    float_hidden: torch.Tensor | None = None
     _blocks: nn.ModuleList = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,13 +113,25 @@ class BlockRunner:
         return torch.cat(outs)
 
     @torch.no_grad()
-    def capture(self, block: nn.Module, linears: list[str], abs_mean: bool = False) -> dict[str, InputStats]:
-        """Input statistics of ``linears`` (names relative to the block); stops each pass once all were seen."""
+    def capture(self, block: nn.Module, linears: list[str], abs_mean: bool = False,
+                reference: nn.Module | None = None) -> dict[str, InputStats]:
+        """Input statistics of ``linears`` (names relative to the block); stops each pass once all were seen.
+
+        With ``reference`` (the float block) and ``float_hidden``, each batch first runs the float block on the
+        float model's activations, and the stats carry the cross term ``D`` against those inputs.
+        """
         modules = {name: block.get_submodule(name) for name in linears}
-        stats = {name: InputStats.empty(m.in_features, abs_mean) for name, m in modules.items()}
+        cross = reference is not None and self.float_hidden is not None
+        stats = {name: InputStats.empty(m.in_features, abs_mean, cross) for name, m in modules.items()}
         for i in range(0, self.hidden.shape[0], self.batch_size):
+            floats: dict[str, torch.Tensor] | None = None
+            if cross:
+                floats = {}
+                references = {name: reference.get_submodule(name) for name in linears}
+                run_with_hooks(reference, self.float_hidden[i : i + self.batch_size], self.layer_kwargs,
+                               _record_hooks(references, floats), batch=self.batch_size)
             run_with_hooks(block, self.hidden[i : i + self.batch_size], self.layer_kwargs,
-                           _capture_hooks(modules, stats), batch=self.batch_size)
+                           _capture_hooks(modules, stats, floats), batch=self.batch_size)
         return stats
 
     def advance(self, outputs: torch.Tensor) -> None:
@@ -123,8 +145,8 @@ Solve = Callable[[list[str], dict[str, "InputStats"]], None]
 
 
 @torch.no_grad()
-def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, groups: list[list[str]], solve: Solve
-               ) -> torch.Tensor:
+def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, groups: list[list[str]], solve: Solve,
+               reference: nn.Module | None = None) -> torch.Tensor:
     """Capture, solve and run a pre-norm block one linear group at a time; returns the block's output.
 
     ``groups`` are the four input groups in ``layout`` order (attention-norm readers, ``attn_out``, MLP-norm
@@ -132,6 +154,10 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     weights of every earlier group, so each group sees the error of those before it (``true_sequential``) — at the
     cost of about one block forward in all, instead of one per group: the attention runs once (its context is
     kept for ``attn_out``), the residual sums are formed from kept pieces, and the output is assembled from them.
+
+    With ``reference`` (an unquantized copy of the block) and ``runner.float_hidden``, the float block runs beside
+    it on the float model's activations, every group's stats carry the cross term ``D`` (``InputStats``), and
+    ``runner.float_hidden`` is advanced to the float block's output.
     """
     if len(groups) != 4:
         raise ValueError(f"run_staged needs the 4 input groups of a pre-norm block, got {len(groups)}")
@@ -140,29 +166,40 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     attn, mlp = block.get_submodule(layout.attn), block.get_submodule(layout.mlp)
     attn_out, mlp_out = block.get_submodule(layout.attn_out), block.get_submodule(layout.mlp_out)
     batches = [slice(i, i + bs) for i in range(0, h.shape[0], bs)]
+    hf = runner.float_hidden if reference is not None else None
+    if hf is not None:
+        f_attn_norm, f_mlp_norm = reference.get_submodule(layout.attn_norm), reference.get_submodule(layout.mlp_norm)
+        f_attn, f_mlp = reference.get_submodule(layout.attn), reference.get_submodule(layout.mlp)
+        f_attn_out, f_mlp_out = reference.get_submodule(layout.attn_out), reference.get_submodule(layout.mlp_out)
 
     def stats_for(names: list[str], features: int) -> dict[str, InputStats]:
-        shared = InputStats.empty(features)
+        shared = InputStats.empty(features, cross=hf is not None)
         return {name: shared for name in names}
 
     stats = stats_for(groups[0], h.shape[-1])
     for b in batches:
-        stats[groups[0][0]].add(attn_norm(h[b]))
+        stats[groups[0][0]].add(attn_norm(h[b]), f_attn_norm(hf[b]) if hf is not None else None)
     solve(groups[0], stats)
 
     context = torch.empty(*h.shape[:2], attn_out.in_features)
+    context_f = torch.empty_like(context) if hf is not None else None
     stats = stats_for(groups[1], attn_out.in_features)
     for b in batches:
         context[b] = input_before(attn, attn_out, attn_norm(h[b]), kwargs)
-        stats[groups[1][0]].add(context[b])
+        if hf is not None:
+            context_f[b] = input_before(f_attn, f_attn_out, f_attn_norm(hf[b]), kwargs)
+        stats[groups[1][0]].add(context[b], context_f[b] if hf is not None else None)
     solve(groups[1], stats)
 
     h1 = torch.empty_like(h)
+    h1f = torch.empty_like(h) if hf is not None else None
     stats = stats_for(groups[2], h.shape[-1])
     for b in batches:
         torch.add(h[b], attn_out(context[b]), out=h1[b])
-        stats[groups[2][0]].add(mlp_norm(h1[b]))
-    del context
+        if hf is not None:
+            torch.add(hf[b], f_attn_out(context_f[b]), out=h1f[b])
+        stats[groups[2][0]].add(mlp_norm(h1[b]), f_mlp_norm(h1f[b]) if hf is not None else None)
+    del context, context_f
     solve(groups[2], stats)
 
     keep = h.shape[0] * h.shape[1] * mlp_out.in_features * 4 <= STAGE_CACHE_BYTES
@@ -170,7 +207,10 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     stats = stats_for(groups[3], mlp_out.in_features)
     for b in batches:
         m = input_before(mlp, mlp_out, mlp_norm(h1[b]))
-        stats[groups[3][0]].add(m)
+        if hf is not None:
+            mf = input_before(f_mlp, f_mlp_out, f_mlp_norm(h1f[b]))
+            h1f[b] += f_mlp_out(mf)  # the float block's output
+        stats[groups[3][0]].add(m, mf if hf is not None else None)
         if act is not None:
             act[b] = m
     solve(groups[3], stats)
@@ -178,6 +218,8 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     for b in batches:
         m = act[b] if act is not None else input_before(mlp, mlp_out, mlp_norm(h1[b]))
         h1[b] += mlp_out(m)
+    if hf is not None:
+        runner.float_hidden = h1f
     return h1
 
 
@@ -201,9 +243,11 @@ def input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: di
     return seen[0]
 
 
-def _capture_hooks(modules: dict[str, nn.Module], stats: dict[str, InputStats]) -> list[tuple[nn.Module, PreHook]]:
+def _capture_hooks(modules: dict[str, nn.Module], stats: dict[str, InputStats],
+                   floats: dict[str, torch.Tensor] | None = None) -> list[tuple[nn.Module, PreHook]]:
     """Pre-hooks feeding ``stats`` for one pass; inputs shared by several linears are accumulated once, and the pass
-    stops once every linear has seen its input."""
+    stops once every linear has seen its input. ``floats``: the float model's input of each linear for the same
+    batch (the cross term's other side)."""
     seen: set[str] = set()
     shared: dict[int, tuple[torch.Tensor, str]] = {}  # holds the tensors so their ids cannot be reused
 
@@ -212,11 +256,25 @@ def _capture_hooks(modules: dict[str, nn.Module], stats: dict[str, InputStats]) 
             x = input_of(args, kwargs)
             key = shared.setdefault(id(x), (x, name))[1]
             if key == name:
-                stats[name].add(x)
+                stats[name].add(x, floats[name] if floats is not None else None)
             else:
                 stats[name] = stats[key]
             seen.add(name)
             if len(seen) == len(modules):
+                raise StopForward
+
+        return hook
+
+    return [(m, hook_for(name)) for name, m in modules.items()]
+
+
+def _record_hooks(modules: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> list[tuple[nn.Module, PreHook]]:
+    """Pre-hooks keeping each module's input of one pass in ``inputs``; the pass stops once all were seen."""
+
+    def hook_for(name: str) -> PreHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[name] = input_of(args, kwargs)
+            if len(inputs) == len(modules):
                 raise StopForward
 
         return hook
