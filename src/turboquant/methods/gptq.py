@@ -49,8 +49,7 @@ class GptqConfig(WeightQuantConfig):
     ``gptaq``: asymmetric calibration (GPTAQ, Li et al., 2025, arXiv:2504.02692): fit ``Q X`` to the *float*
     model's output ``W X_float`` instead of ``W X``, so each layer also undoes the error the quantized layers
     before it left in its input ``X`` (the pipeline then carries the float model's activations beside the
-    quantized ones; it needs ``true_sequential`` and a pre-norm block layout, else it is plain GPTQ); on by
-    default (it costs about one more float forward of every block and a second ``XᵀX``-sized product).
+    quantized ones, on every block path); on by default (it costs about one more float forward of every block and a second ``XᵀX``-sized product).
     """
 
     damp_percent: float = 0.01
@@ -125,16 +124,23 @@ def quantize_weight_with_q(
     if not bool(torch.isfinite(H).all()):
         raise DataError(f"the GPTQ Hessian of {name} has non-finite entries",
                         "check the calibration data and the model's activations (fp16 overflow?)")
+    D = D.detach().to(dev, torch.float32) if cfg.gptaq and D is not None else None
+    if D is not None and not bool(torch.isfinite(D).all()):
+        raise DataError(f"the GPTAQ cross term of {name} has non-finite entries",
+                        "check the calibration data and the model's activations (fp16 overflow?)")
     dead = H.diagonal() == 0  # inputs that never fired: any weight works, quantize them as exact zeros
     H.diagonal()[dead] = 1
     W_[:, dead] = 0
-    if cfg.gptaq and D is not None:
-        W_ = _asymmetric_target(W_, H, D.detach().to(dev, torch.float32), cfg.damp_percent)
 
     gs, qmax = scheme.group_size, scheme.qmax
     rcfg = RtnConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, mse_clip=cfg.mse_clip)
     refit = gs > 0 and not cfg.static_groups  # fit each group when the solver reaches it, on updated weights
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    Hinv = _inverse_hessian_factor(H, cfg.damp_percent, (out_f, n), name)
+    if D is not None:
+        W_ += _asymmetric_correction(W_ @ D, Hinv, perm)
     if refit:
         S = torch.empty(n // gs, out_f, device=dev)  # scale / zero tables, one row per group
         Z = torch.empty(n // gs, out_f, device=dev)
@@ -145,8 +151,7 @@ def quantize_weight_with_q(
         orig = perm.tolist() if perm is not None else range(n)
         col_group = [c // gs for c in orig] if gs > 0 else [0] * n
     if perm is not None:
-        W_, H = W_[:, perm], H[perm][:, perm]
-    Hinv = _inverse_hessian_factor(H, cfg.damp_percent, (out_f, n), name)
+        W_ = W_[:, perm]
 
     W_ = W_.t().contiguous()  # [in, out]: column j of W is the contiguous row j here
     codes, Q = torch.empty_like(W_), torch.empty_like(W_)
@@ -185,18 +190,15 @@ def quantize_weight_with_q(
     return qt, Q.t().contiguous()
 
 
-def _asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """GPTAQ's target ``W* = W + W D (H + damp I)^-1``: ``|| Q X - W X_float ||²`` equals ``|| (Q - W*) X ||²`` plus
-    a constant (``W* X`` is the least-squares fit of ``W X_float`` on ``X``, ``D = (X_float - X)ᵀ X / n``), so
-    GPTQ on ``W*`` with the usual ``H`` solves the asymmetric problem. Damped as the solver damps ``H``; when that
-    is not positive definite the correction is skipped (plain GPTQ)."""
-    Hd = H.clone()
-    Hd.diagonal().add_(H.diagonal().mean() * damp_percent)
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if info.item() != 0:
-        return W
-    corr = torch.cholesky_solve((W @ D).t(), L).t()
-    return W + corr if bool(torch.isfinite(corr).all()) else W
+def _asymmetric_correction(WD: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """GPTAQ's shift ``W* - W = W D (H + damp I)^-1`` (original column order), from the solver's own factor
+    ``Hinv`` (``Hinvᵀ Hinv = (H + damp I)^-1`` in ``perm`` order): ``|| Q X - W X_float ||²`` equals
+    ``|| (Q - W*) X ||²`` plus a constant (``W* X`` is the least-squares fit of ``W X_float`` on ``X``, with
+    ``D = (X_float - X)ᵀ X / n``), so GPTQ on ``W*`` with the usual ``H`` solves the asymmetric problem, damped
+    exactly as the solver is."""
+    if perm is None:
+        return WD @ Hinv.t() @ Hinv
+    return (WD[:, perm] @ Hinv.t() @ Hinv)[:, torch.argsort(perm)]
 
 
 def _fit_group(

@@ -2,8 +2,9 @@
 
 The solver (``methods.gptq.quantize_weight``) is pure; this module decides which inputs it sees: with
 ``true_sequential`` each group's Hessian comes from the block as quantized so far, and pre-norm blocks run staged
-(``runner.run_staged``: one sub-layer at a time, about one block forward in all). With ``gptaq`` the staged run
-also carries the float model's activations, so each group's solver sees the cross term ``D`` it needs.
+(``runner.run_staged``: one sub-layer at a time, about one block forward in all). With ``gptaq`` both paths also
+run an unquantized copy of the block on the float model's activations, so each group's solver sees the cross
+term ``D`` it needs.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel,
             set_weight(block, name, out[name])
 
     groups = [list(g.linears) for g in opened.arch.groups]
-    if module_config(config, prefix + groups[0][0]).true_sequential and opened.arch.layout is not None:
+    true_sequential = module_config(config, prefix + groups[0][0]).true_sequential
+    if true_sequential and opened.arch.layout is not None:
         return out, run_staged(runner, block, opened.arch.layout, groups, solve, reference)
-    if not module_config(config, prefix + groups[0][0]).true_sequential:
+    if not true_sequential:
         groups = [[name for g in groups for name in g]]
     for names in groups:
         solve(names, runner.capture(block, names, reference=reference))

@@ -123,11 +123,11 @@ class BlockRunner:
         modules = {name: block.get_submodule(name) for name in linears}
         cross = reference is not None and self.float_hidden is not None
         stats = {name: InputStats.empty(m.in_features, abs_mean, cross) for name, m in modules.items()}
+        references = {name: reference.get_submodule(name) for name in linears} if cross else {}
         for i in range(0, self.hidden.shape[0], self.batch_size):
             floats: dict[str, torch.Tensor] | None = None
             if cross:
                 floats = {}
-                references = {name: reference.get_submodule(name) for name in linears}
                 run_with_hooks(reference, self.float_hidden[i : i + self.batch_size], self.layer_kwargs,
                                _record_hooks(references, floats), batch=self.batch_size)
             run_with_hooks(block, self.hidden[i : i + self.batch_size], self.layer_kwargs,
