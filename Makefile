@@ -6,8 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# llama-cpp-python compiles llama.cpp on install. Portable build (AVX2 baseline, not -march=native): a native build
+# turns on AMX wherever the CPU advertises it, and in VMs that do not grant the tile state its first matmul segfaults
+# (ldtilecfg); a native wheel also breaks on any other CPU. --no-cache-dir: pip's wheel cache is keyed by the sdist,
+# not by CMAKE_ARGS, so a natively built wheel cached earlier would be reused.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
+
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --no-cache-dir -c constraints.txt llama-cpp-python
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
