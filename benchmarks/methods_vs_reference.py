@@ -526,7 +526,7 @@ def bench_model(spec: dict, args, calib, ds_path: Path, awq_calib, awq_ds_path: 
     m: dict = {"model": str(model), "group_size": g, "description": spec["description"],
                "load_before": machine_load()}
     log(f"=== {spec['tag']} ({model})")
-    from turboquant.io.model import build_skeleton  # warm transformers' lazy imports, so they are not timed
+    from turboquant.io.skeleton import build_skeleton  # warm transformers' lazy imports, so they are not timed
     build_skeleton(model, dtype=torch.float32)
 
     runs: dict[str, dict] = {}

@@ -185,7 +185,7 @@ def test_registration_and_json_round_trip():
     assert AwqConfig().to_dict() == {
         "bits": 4, "group_size": 128, "symmetric": False, "grid": 20, "duo_scaling": True, "clip": True,
         "clip_grid": 20, "clip_max_shrink": 0.5, "clip_tokens": 512, "skip_qk_clip": True, "search_samples": 32,
-        "search_tokens": 4096,
+        "search_tokens": 4096, "indivisible": "error", "group_overrides": {},
     }
     cfg = make_config("awq", bits=3, group_size=64, symmetric=True, grid=10, duo_scaling=False, clip=False,
                       clip_grid=40, clip_max_shrink=0.25, clip_tokens=64, skip_qk_clip=False)

@@ -23,7 +23,7 @@ from turboquant.formats import FormatError, export
 from turboquant.formats.gguf.read import read_state_dict, tensor_types
 from turboquant.formats.gguf.imatrix import compute_imatrix, read_imatrix, write_imatrix
 from turboquant.methods import make_config
-from turboquant.io.model import build_skeleton, materialize
+from turboquant.io.skeleton import build_skeleton, materialize
 from turboquant.quantize.pipeline import quantize
 
 from conftest import CALIB, HELDOUT, REF_MODEL, WIKITEXT
@@ -87,7 +87,7 @@ def gguf_file(out):
 def torch_model_of(path, model_dir):
     """The transformers model holding exactly the weights stored in GGUF file ``path``."""
     config = json.loads((model_dir / "config.json").read_text())
-    model = build_skeleton(model_dir)
+    model = build_skeleton(model_dir, real_buffers=True)
     names = list(model.state_dict())
     state = read_state_dict(path, config, names)
     materialize(model, state, dtype=torch.float32)
@@ -304,7 +304,7 @@ def test_impossible_combinations_fail_before_writing(tiny_model, tmp_path):
 def test_imatrix_equals_full_forward_sums_and_round_trips(calib, tmp_path):
     small = type(calib)(calib.input_ids[:4, :128], calib.recipe, calib.provenance)
     imatrix = compute_imatrix(REF_MODEL, small)
-    model = build_skeleton(REF_MODEL)
+    model = build_skeleton(REF_MODEL, real_buffers=True)
     from safetensors.torch import load_file
 
     materialize(model, load_file(REF_MODEL / "model.safetensors"))

@@ -50,3 +50,9 @@ def check_keys(given: Iterable[str], allowed: Iterable[str], problem: str, fix: 
     if unknown:
         raise ConfigError(problem.format(unknown=", ".join(map(str, unknown))),
                           fix or f"use only: {', '.join(allowed) or 'none'}")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a third-party exception's text (its type name when empty), to quote inside our own."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

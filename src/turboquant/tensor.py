@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from typing import Iterator
 
 import torch
 
@@ -218,12 +220,36 @@ class QuantizedTensor:
         )
 
 
+class ScaleOverflowError(ConfigError):
+    """A scale float16 cannot hold: storing 65504 instead would clip every weight of that group."""
+
+    def __init__(self, scale: float, module: str | None = None) -> None:
+        self.scale, self.module = scale, module
+        where = f"{module} needs" if module else "a weight group needs"
+        super().__init__(f"{where} a quantization scale of {scale:.4g}, beyond float16's 65504 (clamping it would "
+                         "clip those weights)", "quantize with more bits (e.g. --bits 8) or a smaller group size, "
+                         "or use a checkpoint without such outlier weights")
+
+
+@contextmanager
+def naming_overflows(module: str) -> Iterator[None]:
+    """Re-raise a ``ScaleOverflowError`` from inside a solver with the module's name in it."""
+    try:
+        yield
+    except ScaleOverflowError as e:
+        raise ScaleOverflowError(e.scale, module) from None
+
+
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
     """Scales as float16 will store them, returned as float32.
 
     Rounded *up* to the next float16 so that the grid still spans the range the scale was computed for (rounding
-    down would clip the extreme weights of every group by up to 2**-11 of the range); clamped away from 0 and inf.
+    down would clip the extreme weights of every group by up to 2**-11 of the range); kept away from 0. A scale
+    above float16's range raises ``ScaleOverflowError``: it is never clamped.
     """
+    top = float(scale.max()) if scale.numel() else 0.0
+    if top > _MAX_SCALE:
+        raise ScaleOverflowError(top)
     s = scale.float().clamp(_MIN_SCALE, _MAX_SCALE)
     s16 = s.to(SCALE_DTYPE)
     up = torch.nextafter(s16, torch.full_like(s16, float("inf")))

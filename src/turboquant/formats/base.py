@@ -84,11 +84,13 @@ def resolve_options(spec: FormatSpec, options: dict[str, Any]) -> dict[str, Any]
 def export(qdir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, **options: Any) -> Path:
     """Write the quantized checkpoint at ``qdir`` as format ``fmt`` into ``out`` (whole, or not at all).
 
-    The format's check runs first, so an impossible combination fails before anything is written.
+    The checkpoint's completeness and the format's check run first, so a damaged checkpoint or an impossible
+    combination fails before anything is written.
     """
     spec = get_format(fmt)
     opts = resolve_options(spec, options)
     ckpt = QuantizedCheckpoint.open(qdir)
+    ckpt.check_complete()
     spec.check(ckpt, opts)
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         details = spec.write(ckpt, tmp, opts)

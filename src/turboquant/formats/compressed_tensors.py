@@ -24,7 +24,7 @@ import torch
 from turboquant.formats.base import (FormatError, has_fractional_zero, register_format, schemes, source_config,
                                      write_json, write_packed_shards)
 from turboquant.io.checkpoint import QuantizedCheckpoint
-from turboquant.io.model import build_skeleton
+from turboquant.io.skeleton import build_skeleton
 from turboquant.tensor import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme
 
 FORMAT = "pack-quantized"

@@ -52,7 +52,30 @@ def mlx_group_size(scheme: QuantScheme, in_features: int) -> int:
     return scheme.group_size if scheme.group_size > 0 else in_features
 
 
+def check_family(config: dict[str, Any]) -> None:
+    """Refuse a model mlx-lm cannot build: no model class for its family, or a config form its class misreads."""
+    import importlib.util
+
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    model_type = str(config.get("model_type"))
+    if importlib.util.find_spec(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}") is None:
+        raise FormatError(f"mlx-lm {_mlx_lm_version()} has no model class for '{model_type}'",
+                          "export this family to gptq, compressed-tensors or onnx")
+    if model_type == "exaone4" and isinstance(config.get("sliding_window_pattern"), int):
+        raise FormatError("mlx-lm reads exaone4's sliding_window_pattern only as a layer string ('LLLG'); this "
+                          "config has the integer form", "write it as a string in config.json, or export to gptq / "
+                          "compressed-tensors / onnx")
+
+
+def _mlx_lm_version() -> str:
+    from importlib.metadata import version
+
+    return version("mlx-lm")
+
+
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
+    check_family(ckpt.config)
     if not schemes(ckpt):
         raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",
                           "quantize with a weight method (rtn, gptq, awq, hqq) before exporting to mlx")
@@ -113,19 +136,38 @@ def quantization_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
 
 def mlx_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
     """config.json for mlx-lm: the source config with transformers 5's ``rope_parameters`` spelled out as the
-    top-level ``rope_theta`` / ``rope_scaling`` mlx-lm's model classes read (they ignore ``rope_parameters``)."""
+    top-level keys mlx-lm's model classes read (they ignore ``rope_parameters``)."""
     config = source_config(ckpt)
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])
-        if rope.get("rope_type", "default") != "default":
-            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    config.update({k: v for k, v in mlx_rope_keys(config).items() if k not in config})
     has_head = any(name.startswith("lm_head.") for name in ckpt.tensors.tensors)
     config.setdefault("tie_word_embeddings", not has_head)  # mlx-lm's default is True, transformers' often False
     qcfg = quantization_config(ckpt)
     config["quantization"] = qcfg
     config["quantization_config"] = dict(qcfg)
     return config
+
+
+def mlx_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 4's top-level RoPE keys from ``rope_parameters``: ``rope_theta``, ``partial_rotary_factor``
+    and ``rope_scaling`` (None for plain RoPE); with per-layer-type parameters (Gemma 3's sliding / full
+    attention) the full layers' ``rope_theta``, the sliding layers' as ``rope_local_base_freq`` and the period of
+    ``layer_types`` as ``sliding_window_pattern``."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        out = {k: v for k, v in mlx_rope_keys({"rope_parameters": rope.get("full_attention") or {}}).items()}
+        local = rope.get("sliding_attention") or {}
+        if "rope_theta" in local:
+            out["rope_local_base_freq"] = local["rope_theta"]
+        types = list(config.get("layer_types") or [])
+        if "full_attention" in types:
+            out["sliding_window_pattern"] = types.index("full_attention") + 1
+        return out
+    out: dict[str, Any] = {k: v for k, v in rope.items() if k in ("rope_theta", "partial_rotary_factor")}
+    out["rope_scaling"] = ({k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+                           if rope.get("rope_type", "default") != "default" else None)
+    return out
 
 
 def cast_plain(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

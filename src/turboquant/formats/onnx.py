@@ -37,7 +37,7 @@ from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
     FormatError, has_act_order, iter_shards, register_format, schemes, source_config, write_json,
 )
-from turboquant.io.model import build_skeleton, materialize
+from turboquant.io.skeleton import build_skeleton, materialize
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_bits, unpack_bits
 
 #: Bit widths ONNX Runtime's MatMulNBits CPU kernel runs (onnxruntime 1.31; the schema allows 2..8), and those it
@@ -225,7 +225,7 @@ class LogitsOnly(torch.nn.Module):
 
 def build_model(ckpt: QuantizedCheckpoint) -> torch.nn.Module:
     """The transformers model in float32 with every quantized linear an ``NBitsLinear`` (read shard by shard)."""
-    model = build_skeleton(ckpt.path, dtype=torch.float32)
+    model = build_skeleton(ckpt.path, dtype=torch.float32, real_buffers=True)
     plain: dict[str, torch.Tensor] = {}
     for shard in iter_shards(ckpt):
         tensors = dict(shard.plain)

@@ -1,15 +1,21 @@
-"""What a model family's decoder blocks hold: where the blocks are, their linear groups and the block layout.
+"""What a model's decoder blocks hold: where the blocks are, their linear layers, groups and the block layout.
 
-A ``LinearGroup`` is the set of linears that read one input and the module (a norm or a linear) that produces it:
-calibrated methods capture one Hessian per group, AWQ folds its scales into the feeder. ``BlockLayout`` names the
-sub-modules of a standard pre-norm block, which lets the calibrated pipeline run a block one sub-layer at a time.
+Any decoder family transformers ships is *discovered* from its own modelling classes built on the meta device
+(``discover``): the decoder block list and each block's ``nn.Linear`` layers. Which linears share an input (a
+``LinearGroup``) is traced later, in a real block forward (``quantize.graph``). The table (``ARCHITECTURES``) is an
+optional speed-up for families proven equal to discovery (a test holds them to it): it names the groups up front
+and the ``BlockLayout`` that lets the calibrated pipeline run a pre-norm block one sub-layer at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from turboquant.errors import ModelLoadError
+from torch import nn
+
+from turboquant.errors import first_line, ModelLoadError
+from turboquant.io.skeleton import build_skeleton
 
 
 
@@ -17,12 +23,15 @@ from turboquant.errors import ModelLoadError
 class LinearGroup:
     """Linears that read the same input, and the op that produces it (a norm or a linear).
 
-    ``feeder`` is the module whose output is the group's input: AWQ folds scales into it; GPTQ quantizes groups in
-    this order (``true_sequential``).
+    ``feeder`` is the module whose output is the group's input (None when no module's output is: a reshaped
+    attention context, a gated activation, the residual stream): AWQ folds scales into it. GPTQ quantizes groups
+    in the order they run (``true_sequential``).
     """
 
-    feeder: str
+    feeder: str | None
     linears: tuple[str, ...]
+    #: a norm feeder that multiplies by ``fold_offset + weight`` (Gemma's ``1 + w``); 0 for plain norms and linears
+    fold_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,25 +53,30 @@ class BlockLayout:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where a family keeps its decoder blocks and which linear layers each block has.
+    """Where a model keeps its decoder blocks and which linear layers each block has.
 
-    ``layout`` is set when the block is the standard pre-norm residual pair whose four linear groups (in
-    ``groups`` order) read: the attention norm's output, ``attn_out``'s input, the MLP norm's output and
-    ``mlp_out``'s input.
+    ``groups`` (the table's families) lists the linears by shared input in execution order; None when they are
+    traced from a real block forward (``quantize.graph.trace_groups``). ``layout`` is set when the block is the
+    standard pre-norm residual pair whose four linear groups (in ``groups`` order) read: the attention norm's
+    output, ``attn_out``'s input, the MLP norm's output and ``mlp_out``'s input.
     """
 
     name: str
     blocks_prefix: str
-    groups: tuple[LinearGroup, ...]
-    n_layers_key: str = "num_hidden_layers"
+    linears: tuple[str, ...]
+    n_layers: int | None = None
+    groups: tuple[LinearGroup, ...] | None = None
     layout: BlockLayout | None = None
 
     @property
-    def linears(self) -> tuple[str, ...]:
-        return tuple(name for g in self.groups for name in g.linears)
+    def discovered(self) -> bool:
+        return self.groups is None
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_prefix}.{index}."
+
+    def with_layers(self, n_layers: int) -> "ArchSpec":
+        return ArchSpec(self.name, self.blocks_prefix, self.linears, n_layers, self.groups, self.layout)
 
 
 _LLAMA_GROUPS = (
@@ -72,18 +86,81 @@ _LLAMA_GROUPS = (
     LinearGroup("mlp.up_proj", ("mlp.down_proj",)),
 )
 
+#: Families whose groups and pre-norm layout are known up front (a speed-up; ``discover`` covers every family).
 ARCHITECTURES: dict[str, ArchSpec] = {
-    name: ArchSpec(name, "model.layers", _LLAMA_GROUPS, layout=BlockLayout())
+    name: ArchSpec(name, "model.layers", tuple(n for g in _LLAMA_GROUPS for n in g.linears), groups=_LLAMA_GROUPS,
+                   layout=BlockLayout())
     for name in ("llama", "mistral", "qwen2", "qwen3")
 }
 
 
-def arch_for(config: dict) -> ArchSpec:
-    """The table entry for a config's ``model_type``; unsupported types fail with the supported list."""
+def arch_for(config: dict, config_dir: Path, *, use_table: bool = True) -> ArchSpec:
+    """The architecture of the model at ``config_dir``: its table entry when it has one, else discovered.
+
+    The block count always comes from the modelling class (``num_hidden_layers`` or the family's own key).
+    """
+    discovered = discover(config, config_dir)
+    entry = ARCHITECTURES.get(str(config.get("model_type"))) if use_table else None
+    if entry is not None and entry.blocks_prefix == discovered.blocks_prefix \
+            and set(entry.linears) == set(discovered.linears):
+        return entry.with_layers(discovered.n_layers)
+    return discovered
+
+
+def discover(config: dict, config_dir: Path) -> ArchSpec:
+    """Blocks and linears of any decoder transformers implements natively, from its modelling class on meta.
+
+    Refuses what the pipeline could not quantize completely: no decoder block list, blocks whose linears differ
+    (heterogeneous stacks), or a matrix weight in a block that is not an ``nn.Linear`` (it would stay float).
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
-            f"architecture '{model_type}' is not supported",
-            f"use a model of a supported family: {', '.join(sorted(ARCHITECTURES))}",
+            f"architecture '{model_type}' is not a causal LM that transformers {transformers.__version__} implements",
+            "use a model of a family transformers ships natively (custom `auto_map` code is never run)",
         )
-    return ARCHITECTURES[model_type]
+    try:
+        skeleton = build_skeleton(config_dir)
+    except (ValueError, KeyError, TypeError, ImportError) as e:
+        raise ModelLoadError(
+            f"transformers cannot build architecture '{model_type}' from this config.json ({first_line(e)})",
+            "restore the model's config.json from its repo",
+        ) from None
+    prefix, blocks = _decoder_blocks(skeleton, model_type)
+    linears = tuple(n for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear))
+    owned = {f"{n}.weight" for n in linears}
+    for name, p in blocks[0].named_parameters():
+        if p.dim() >= 2 and name not in owned:
+            raise ModelLoadError(
+                f"'{model_type}' block weight {name} {tuple(p.shape)} is not an nn.Linear and would stay unquantized",
+                "this family needs a dedicated entry (fused or expert weights are not supported yet)",
+            )
+    if not linears:
+        raise ModelLoadError(f"the decoder blocks of '{model_type}' hold no nn.Linear layers",
+                             "this family stores its projections in another module type, which is not supported")
+    for i, block in enumerate(blocks):
+        mine = tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
+        if mine != linears:
+            extra = sorted(set(mine) ^ set(linears))
+            raise ModelLoadError(
+                f"decoder block {i} of '{model_type}' has other linear layers than block 0 ({', '.join(extra[:3])})",
+                "heterogeneous block stacks (e.g. mixture-of-experts with dense first layers) are not supported yet",
+            )
+    return ArchSpec(str(model_type), prefix, linears, n_layers=len(blocks))
+
+
+def _decoder_blocks(skeleton: nn.Module, model_type: object) -> tuple[str, nn.ModuleList]:
+    """The model's decoder block list: the largest ``nn.ModuleList`` of one repeated module class."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, m in skeleton.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1:
+            size = sum(p.numel() for p in m.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, m)
+    if best is None or best[0] == 0:
+        raise ModelLoadError(f"no decoder block list was found in '{model_type}'",
+                             "pass a decoder-only causal language model")
+    return best[1], best[2]

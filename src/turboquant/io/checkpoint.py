@@ -26,7 +26,9 @@ import safetensors.torch
 from turboquant import faults
 from turboquant._version import __version__
 from turboquant.errors import ModelLoadError
-from turboquant.io.model import LazyCheckpoint, build_skeleton, materialize, read_config
+from turboquant.io.arch import arch_for
+from turboquant.io.model import LazyCheckpoint, read_config
+from turboquant.io.skeleton import build_skeleton, materialize
 from turboquant.tensor import QuantizedTensor, QuantScheme
 
 METADATA_FILE = "turboquant.json"
@@ -193,8 +195,27 @@ class QuantizedCheckpoint:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         return state
 
+    def check_complete(self) -> None:
+        """Refuse a checkpoint that is not what its plan promised: a linear of the model left unquantized (by a
+        weight method), or a scale that is not a positive finite number (checked before every export)."""
+        if not self.modules:
+            return  # a dtype cast: nothing is quantized by design
+        arch = arch_for(self.config, self.path)
+        expected = {f"{arch.block_prefix(i)}{n}" for i in range(arch.n_layers) for n in arch.linears}
+        missing = sorted(expected - set(self.modules))
+        if missing:
+            raise ModelLoadError(
+                f"{len(missing)} of the model's {len(expected)} linears are not quantized in {self.path} "
+                f"(first: {missing[0]})", "re-create the checkpoint with `turboquant quantize`")
+        for module in sorted(self.modules):
+            scale = self.tensors.load([f"{module}.qscale"])[f"{module}.qscale"].float()
+            bad = ~(torch.isfinite(scale) & (scale > 0))
+            if bool(bad.any()):
+                raise ModelLoadError(f"{module}.qscale holds {int(bad.sum())} zero, negative or non-finite scale(s)",
+                                     "the checkpoint is corrupt: re-create it with `turboquant quantize`")
+
     def load_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The transformers model with dequantized weights (what every runtime should reproduce)."""
-        model = build_skeleton(self.path, dtype=dtype)
+        model = build_skeleton(self.path, dtype=dtype, real_buffers=True)
         materialize(model, self.dequantized_state_dict(dtype), dtype=dtype)
         return model

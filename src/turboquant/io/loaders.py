@@ -11,7 +11,8 @@ import torch
 
 from turboquant.errors import DataError
 from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint
-from turboquant.io.model import build_skeleton, materialize, open_model
+from turboquant.io.model import open_model
+from turboquant.io.skeleton import build_skeleton, materialize
 
 
 def read_text(path: str | Path) -> str:
@@ -50,6 +51,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickl
     if (path / METADATA_FILE).is_file():
         return QuantizedCheckpoint.open(path).load_model(dtype)
     opened = open_model(path, allow_pickle=allow_pickle)
-    model = build_skeleton(opened.source.path, dtype=dtype)
+    model = build_skeleton(opened.source.path, dtype=dtype, real_buffers=True)
     materialize(model, opened.checkpoint.load(opened.checkpoint.names()), dtype=dtype)
     return model

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from turboquant.errors import ModelLoadError
+from turboquant.errors import first_line, ModelLoadError
 from turboquant.io.arch import ArchSpec, arch_for
 from turboquant.io.files import AUX_FILE_PATTERNS, matching_files
 from turboquant.io.hub import fetch_snapshot
@@ -152,7 +152,7 @@ class LazyCheckpoint:
                         self.tensors[name] = TensorInfo(f, tuple(sl.get_shape()), sl.get_dtype())
             except Exception as e:  # safetensors raises several exception types for corrupt files
                 raise ModelLoadError(
-                    f"{f.name} is not a readable safetensors file ({_first_line(e)})",
+                    f"{f.name} is not a readable safetensors file ({first_line(e)})",
                     "the file is truncated or corrupt: download it again",
                 ) from None
             _check_file_size(f, self.tensors)
@@ -191,7 +191,7 @@ class LazyCheckpoint:
                         out[n] = handle.get_tensor(n)
             except Exception as e:
                 raise ModelLoadError(
-                    f"reading {f.name} failed ({_first_line(e)})", "the file is corrupt: download it again"
+                    f"reading {f.name} failed ({first_line(e)})", "the file is corrupt: download it again"
                 ) from None
         return out
 
@@ -202,11 +202,6 @@ class LazyCheckpoint:
     def non_block_names(self, arch: ArchSpec) -> list[str]:
         prefix = arch.blocks_prefix + "."
         return [n for n in self.tensors if not n.startswith(prefix)]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -232,7 +227,7 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ModelLoadError(f"{f.name} could not be loaded as weights ({_first_line(e)})", "re-download it") from None
+        raise ModelLoadError(f"{f.name} could not be loaded as weights ({first_line(e)})", "re-download it") from None
     if not isinstance(state, dict):
         raise ModelLoadError(f"{f.name} does not hold a state dict", "pass a checkpoint saved with save_pretrained")
     return state
@@ -265,7 +260,7 @@ class OpenedModel:
 
     @property
     def n_layers(self) -> int:
-        return int(self.config[self.arch.n_layers_key])
+        return int(self.arch.n_layers)
 
     def checkpoint_dtype(self, name: str) -> torch.dtype:
         """The dtype a tensor has in the source checkpoint (outputs keep untouched tensors in it)."""
@@ -276,6 +271,11 @@ class OpenedModel:
 
     def block(self, index: int) -> dict[str, torch.Tensor]:
         return self.checkpoint.load(self.checkpoint.block_names(self.arch, index))
+
+    def linear_inputs(self) -> dict[str, int]:
+        """Input width of every linear a weight method quantizes (full module names)."""
+        names = [f"{self.arch.block_prefix(i)}{linear}" for i in range(self.n_layers) for linear in self.arch.linears]
+        return {name: int(self.checkpoint.tensors[f"{name}.weight"].shape[-1]) for name in names}
 
     def iter_blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         for i in range(self.n_layers):
@@ -294,14 +294,33 @@ def open_model(model: str | Path, revision: str | None = None, allow_pickle: boo
     """
     source = resolve_model(model, revision, allow_pickle=allow_pickle)
     config = read_config(source.path)
-    arch = arch_for(config)
-    n_layers = config.get(arch.n_layers_key)
+    check_source_weights(config)
+    n_layers = config.get("num_hidden_layers", 1)
     if not isinstance(n_layers, int) or n_layers < 1:
-        raise ModelLoadError(f"config.json has {arch.n_layers_key}={n_layers!r}", "restore the model's config.json")
+        raise ModelLoadError(f"config.json has num_hidden_layers={n_layers!r}", "restore the model's config.json")
+    arch = arch_for(config, source.path)
     checkpoint = LazyCheckpoint.open(source.path, allow_pickle=allow_pickle)
     opened = OpenedModel(source, config, arch, checkpoint)
     _check_blocks_present(opened)
     return opened
+
+
+#: Source encodings a new release may ship in that are not read yet (dequantized on read: issue 16, part 4).
+_UNREAD_SOURCE_FORMATS = ("fp8", "fbgemm_fp8", "mxfp4")
+
+
+def check_source_weights(config: dict) -> None:
+    """Refuse a checkpoint whose ``quantization_config`` says its weights are not plain floats: quantizing
+    already-quantized weights again would compound two roundings, and the codes are not what the layout holds."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        return
+    method = str(q.get("quant_method") or q.get("quant_type") or "an unnamed scheme")
+    if method in _UNREAD_SOURCE_FORMATS:
+        raise ModelLoadError(f"the checkpoint's weights are stored as {method}, which is not read yet",
+                             "quantize the model's bfloat16 / float16 release")
+    raise ModelLoadError(f"the checkpoint is already quantized ({method})",
+                         "quantize the original float16 / bfloat16 checkpoint it was made from")
 
 
 def _check_blocks_present(model: OpenedModel) -> None:
@@ -334,46 +353,3 @@ def _check_blocks_present(model: OpenedModel) -> None:
 #: What a linear weight may be stored as (safetensors names, and torch names for allowed pickles).
 _FLOAT_WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "torch.float64", "torch.float32", "torch.float16",
                                   "torch.bfloat16"})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Module skeletons (meta device) for evaluation and block-by-block forward passes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def build_skeleton(config_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The transformers model for ``config_dir``'s config, on the meta device (no memory, no init cost)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
-    return model.eval()
-
-
-def materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
-    """Assign real tensors into a meta module and rebuild its non-persistent buffers (e.g. RoPE frequencies)."""
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    result = module.load_state_dict(state, strict=False, assign=True)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
-    missing = [k for k in result.missing_keys if _is_meta(module, k)]
-    if missing:
-        raise ModelLoadError(
-            f"weights for {missing[0]} (and {len(missing) - 1} more) are missing", "re-fetch the checkpoint"
-        )
-    for name, sub in module.named_modules():
-        if any(b.is_meta for b in sub.buffers(recurse=False)):
-            config = getattr(module, "config", None)
-            fresh = type(sub)(config=config)
-            parent_name, _, child = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, child, fresh)
-
-
-def _is_meta(module: torch.nn.Module, key: str) -> bool:
-    try:
-        return module.get_parameter(key).is_meta
-    except AttributeError:
-        return False

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised Llama-family checkpoints built on the fly (tests, demo, benchmarks).
+"""Tiny, randomly initialised decoder checkpoints of any family built on the fly (tests, demo, benchmarks).
 
 Nothing is downloaded: the tokenizer is copied from a local model when one is given, otherwise a small byte-level
 BPE is trained on the supplied text.
@@ -22,11 +22,13 @@ def tiny_config(
     kv_heads: int = 2,
     vocab: int = 4096,
     max_positions: int = 1024,
-    tie_embeddings: bool = False,
+    tie_embeddings: bool | None = False,
 ):
-    """A transformers config object for a small decoder of the given family."""
+    """A transformers config object for a small decoder of the given family (``tie_embeddings=None``: the
+    family's own default)."""
     from transformers import AutoConfig
 
+    tie = {} if tie_embeddings is None else {"tie_word_embeddings": tie_embeddings}
     return AutoConfig.for_model(
         model_type,
         hidden_size=hidden,
@@ -37,9 +39,10 @@ def tiny_config(
         head_dim=hidden // heads,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_embeddings,
+        **tie,
         bos_token_id=0,
         eos_token_id=1,
+        pad_token_id=None,
         rms_norm_eps=1e-5,
     )
 

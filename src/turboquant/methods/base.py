@@ -6,8 +6,9 @@ JSON, rejecting unknown keys) and a pure solver, registered here by a decorator.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Literal
 
 from turboquant.errors import check_keys, ConfigError
@@ -52,16 +53,32 @@ class MethodConfig:
         return cls.from_dict(json.loads(text))
 
 
+#: What a weight quantizer does with a layer whose input its group size does not divide.
+INDIVISIBLE_POLICIES = ("error", "largest_divisor")
+
+
 @dataclass(frozen=True)
 class WeightQuantConfig(MethodConfig):
-    """Options shared by every integer weight quantizer: the scheme."""
+    """Options shared by every integer weight quantizer: the scheme, and what to do with a layer it cannot cover.
+
+    ``indivisible``: a group size that does not divide a layer's input either fails the run up front (``error``)
+    or quantizes that layer with the largest group that does (``largest_divisor``: group sizes are powers of two,
+    as every format's kernels need, so hidden 576 at group 128 gets 64);
+    ``group_overrides`` (module -> group size) is filled in by the quantizer and recorded with the config.
+    """
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    indivisible: str = "error"
+    group_overrides: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scheme  # validates bits / group_size / symmetric
+        if self.indivisible not in INDIVISIBLE_POLICIES:
+            raise ConfigError(f"indivisible={self.indivisible!r} is not a policy",
+                              f"use one of {', '.join(INDIVISIBLE_POLICIES)}")
+        check_type("group_overrides", self.group_overrides, dict, "leave it empty: the quantizer fills it in")
 
     @property
     def scheme(self) -> QuantScheme:
@@ -76,6 +93,37 @@ class WeightQuantConfig(MethodConfig):
     def fractional_zeros(self) -> bool:
         """Whether zero points may be fractional (HQQ's optimised zeros), which integer-zero formats cannot hold."""
         return False
+
+
+def with_group_overrides(config: WeightQuantConfig, in_features: dict[str, int]) -> WeightQuantConfig:
+    """``config`` with ``group_overrides`` for every module (name -> input width) its group size does not divide,
+    under ``indivisible="largest_divisor"``; unchanged otherwise (``error``: the shape check refuses it)."""
+    g = config.group_size
+    if config.indivisible != "largest_divisor" or g <= 0:
+        return config
+    overrides = {}
+    for module, n in in_features.items():
+        if n % g:
+            divisor = n & -n if n & -n < g else g  # the largest power of two dividing n, capped at g
+            if divisor < MIN_DIVISOR_GROUP:
+                raise ConfigError(f"{module} has {n} inputs: no power-of-two group >= {MIN_DIVISOR_GROUP} divides it",
+                                  "use group_size=-1 (one scale per row) for this model")
+            overrides[module] = divisor
+    return dataclasses.replace(config, group_overrides=overrides)
+
+
+def group_fallbacks(config: WeightQuantConfig, in_features: dict[str, int]) -> list[str]:
+    """One line per replaced group size (how many layers, their width): what the manifest and the card say."""
+    counts: dict[tuple[int, int], int] = {}
+    for module, g in config.group_overrides.items():
+        key = (in_features[module], g)
+        counts[key] = counts.get(key, 0) + 1
+    return [f"group size {g} instead of {config.group_size} for {k} layer(s) with {n} inputs ({config.group_size} "
+            f"does not divide {n}; indivisible=largest_divisor)" for (n, g), k in sorted(counts.items())]
+
+
+#: The smallest group ``largest_divisor`` falls back to (the smallest valid group size).
+MIN_DIVISOR_GROUP = 8
 
 
 def check_type(name: str, value: Any, expected: type | tuple[type, ...], hint: str) -> None:

@@ -8,6 +8,7 @@ and a config with a ``plan`` re-quantizes to the same checkpoint without measuri
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -108,7 +109,10 @@ class MixedPrecisionConfig(MethodConfig):
 
 
 def module_config(config: MethodConfig, module: str) -> MethodConfig:
-    """The config one linear (full module name) is quantized with: the planned base config under mixed precision."""
+    """The config one linear (full module name) is quantized with: the planned base config under mixed precision,
+    the layer's own group size where ``indivisible`` replaced it."""
+    if isinstance(config, WeightQuantConfig) and module in config.group_overrides:
+        return dataclasses.replace(config, group_size=config.group_overrides[module], group_overrides={})
     if not isinstance(config, MixedPrecisionConfig):
         return config
     try:

@@ -17,10 +17,10 @@ from turboquant.errors import check_keys, ConfigError, TurboQuantError
 from turboquant.fsutil import read_yaml
 from turboquant.formats.base import get_format, resolve_options
 from turboquant.io.calibration import CalibrationRecipe
-from turboquant.io.model import open_model, read_config
+from turboquant.io.model import open_model, OpenedModel, read_config
 from turboquant.methods import make_config, MethodConfig
-from turboquant.methods.base import get_method, WeightQuantConfig
-from turboquant.methods.mixed import MixedPrecisionConfig
+from turboquant.methods.base import get_method, WeightQuantConfig, with_group_overrides
+from turboquant.methods.mixed import MixedPrecisionConfig, module_config
 from turboquant.quality.gates import Gates
 from turboquant.tensor import QuantScheme
 
@@ -220,12 +220,19 @@ class Plan:
             if err is not None:
                 raise ConfigError(f"{model} {name} -> {label}: {err.problem}", err.fix)
 
-    def check_formats(self, model_dir: Path) -> list[tuple[str, str, TurboQuantError | None]]:
-        """``(quantization, format label, error or None)`` for every combination on ``model_dir``'s shapes."""
-
+    def check_formats(self, model: Path | OpenedModel) -> list[tuple[str, str, TurboQuantError | None]]:
+        """``(quantization, format label, error or None)`` for every combination on the model's shapes: the
+        scheme must cover every linear, then each format's own check runs on the planned checkpoint."""
+        opened = model if isinstance(model, OpenedModel) else open_model(model)
         out = []
         for q in self.quantize:
-            planned = PlannedCheckpoint.build(model_dir, q.config)
+            try:
+                planned = PlannedCheckpoint.of(opened, q.config)
+                for module, info in planned.modules.items():
+                    QuantScheme.from_dict(info["scheme"]).check_shape(tuple(info["shape"]), f"{module}.weight")
+            except TurboQuantError as e:
+                out += [(q.name, target.label, e) for target in q.formats]
+                continue
             for target in q.formats:
                 try:
                     spec = get_format(target.format)
@@ -279,19 +286,23 @@ class PlannedCheckpoint:
 
     @classmethod
     def build(cls, model_dir: Path, config: MethodConfig) -> "PlannedCheckpoint":
-        opened = open_model(model_dir)
+        return cls.of(open_model(model_dir), config)
+
+    @classmethod
+    def of(cls, opened: OpenedModel, config: MethodConfig) -> "PlannedCheckpoint":
+        """The checkpoint ``config`` will make of ``opened`` (whose tensors may be only shapes: triage)."""
         modules: dict[str, dict[str, Any]] = {}
         if isinstance(config, MixedPrecisionConfig):
             return cls._build_mixed(opened, config)
         if isinstance(config, WeightQuantConfig):
             act_order, fractional = config.permutes_groups, config.fractional_zeros
-            for i in range(opened.n_layers):
-                for linear in opened.arch.linears:
-                    name = f"{opened.arch.block_prefix(i)}{linear}"
-                    info = opened.checkpoint.tensors[f"{name}.weight"]
-                    modules[name] = {"shape": list(info.shape), "dtype": _dtype(info.dtype),
-                                     "scheme": config.scheme.to_dict(), "act_order": act_order,
-                                     "fractional_zero": fractional}
+            widths = opened.linear_inputs()
+            config = with_group_overrides(config, widths)
+            for name in widths:
+                info = opened.checkpoint.tensors[f"{name}.weight"]
+                modules[name] = {"shape": list(info.shape), "dtype": _dtype(info.dtype),
+                                 "scheme": module_config(config, name).scheme.to_dict(), "act_order": act_order,
+                                 "fractional_zero": fractional}
         meta = {"method": config.method, "config": config.to_dict(), "source": opened.source.describe()}
         return cls(Path(opened.source.path), config.method, meta, modules, opened.checkpoint)
 

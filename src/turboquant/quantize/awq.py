@@ -7,21 +7,25 @@ module the group feeds, and the clip-search token subsample. See ``methods.awq``
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from typing import Callable
 
 import torch
 from torch import nn
 
+from turboquant.errors import ConfigError
 from turboquant.io.arch import ArchSpec, BlockLayout, LinearGroup
 from turboquant.io.model import OpenedModel
 from turboquant.methods.awq import (AwqConfig, candidates, linear_error, quantize_weight, scaled_fake_quant,
                                     search_clip, weight_mean)
 from turboquant.methods.base import ACTIVATION_SCALES, MethodConfig
+from turboquant.methods.mixed import module_config
 from turboquant.quantize.procedures import block_procedure, set_weight
 from turboquant.quantize.runner import (attached, BlockRunner, PreHook, StopForward, first_output, input_before,
                                         input_of, run_with_hooks)
-from turboquant.tensor import QuantizedTensor, QuantScheme
+from turboquant.tensor import naming_overflows, QuantizedTensor, QuantScheme
 
 _BATCH_TOKENS = 8192  # tokens per block forward (bounds attention / MLP intermediates)
 _QK = ("q_proj", "k_proj")
@@ -37,9 +41,11 @@ def _inspect_name(group: LinearGroup) -> str:
     if len(group.linears) == 1:
         return group.linears[0]
     parents = {name.rpartition(".")[0] for name in group.linears}
-    if len(parents) != 1 or "" in parents:
-        raise ValueError(f"linears {group.linears} have no common parent module to score AWQ scales on")
-    return parents.pop()
+    return parents.pop() if len(parents) == 1 else ""  # readers in several sub-modules (parallel blocks): the block
+
+
+def _offset(feeder: nn.Module, group: LinearGroup) -> float:
+    return group.fold_offset if not isinstance(feeder, nn.Linear) else 0.0
 
 
 def _can_fold(feeder: nn.Module, linears: list[nn.Linear]) -> bool:
@@ -51,12 +57,15 @@ def _can_fold(feeder: nn.Module, linears: list[nn.Linear]) -> bool:
     return isinstance(weight, torch.Tensor) and tuple(weight.shape) == (n_in,)
 
 
-def _fold(feeder: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Feeder output ``/ s`` (norm weight, or linear weight rows and bias), group weight columns ``* s``."""
+def _fold(feeder: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
+    """Feeder output ``/ s`` (norm weight, or linear weight rows and bias), group weight columns ``* s``.
+
+    ``offset``: a norm that multiplies by ``offset + weight`` (Gemma's ``1 + w``) gets ``(offset + w) / s - offset``.
+    """
     if isinstance(feeder, nn.Linear):
         feeder.weight.div_(s.to(feeder.weight.dtype).unsqueeze(1))
     else:
-        feeder.weight.div_(s.to(feeder.weight.dtype))
+        feeder.weight.add_(offset).div_(s.to(feeder.weight.dtype)).sub_(offset)
     if getattr(feeder, "bias", None) is not None:
         feeder.bias.div_(s.to(feeder.bias.dtype))
     for lin in linears:
@@ -69,6 +78,8 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
 
     The generic path (any block layout): the group's inputs are captured by re-running the block from its input.
     """
+    if group.feeder is None:
+        return None
     feeder = block.get_submodule(group.feeder)
     linears = [block.get_submodule(name) for name in group.linears]
     if not _can_fold(feeder, linears):
@@ -96,7 +107,7 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
     else:
         error = _module_error(inspect, calls, linears, cfg.scheme)
     s = _best_scale(x_mean, linears, error, cfg)
-    _fold(feeder, linears, s)
+    _fold(feeder, linears, s, _offset(feeder, group))
     return s
 
 
@@ -217,7 +228,8 @@ class _Moments:
 
 
 def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[LinearGroup, ...], hidden: torch.Tensor,
-                      layer_kwargs: dict, cfg: AwqConfig, clip_names: list[str]) -> dict[str, torch.Tensor]:
+                      layer_kwargs: dict, cfg: AwqConfig, clip_names: list[str],
+                      cfg_for: Callable[[LinearGroup], AwqConfig]) -> dict[str, torch.Tensor]:
     """Scale search and folding for a pre-norm block, running each sub-layer about once.
 
     The groups' inputs are not re-captured after each fold: folding keeps the float block's function, so the
@@ -233,14 +245,17 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
     batches = [hidden[i : i + batch] for i in range(0, hidden.shape[0], batch)]
     clip = {g.linears[0]: _EvenTokens(total, cfg.clip_tokens) for g in groups}
 
-    def fold(group: LinearGroup, error_of: Callable[[list[nn.Linear]], Callable[[torch.Tensor], float]],
+    def fold(group: LinearGroup, error_of: Callable[[list[nn.Linear], QuantScheme], Callable[[torch.Tensor], float]],
              x_mean: torch.Tensor) -> torch.Tensor | None:
+        if group.feeder is None:
+            return None
         feeder = block.get_submodule(group.feeder)
         linears = [block.get_submodule(name) for name in group.linears]
         if not _can_fold(feeder, linears):
             return None
-        s = _best_scale(x_mean, linears, error_of(linears), cfg)
-        _fold(feeder, linears, s)
+        c = cfg_for(group)
+        s = _best_scale(x_mean, linears, error_of(linears, c.scheme), c)
+        _fold(feeder, linears, s, _offset(feeder, group))
         return s
 
     # attention norm -> q/k/v, scored on the attention output; the float pass also yields o_proj's input
@@ -257,11 +272,11 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
             attn_ref.append(first_output(attn(x, **layer_kwargs)))
         ctx_moments.add(ctx[0])
         clip[g_o.linears[0]].take(ctx[0])
-    s_qkv = fold(g_qkv, lambda lins: _module_error(attn, calls, lins, cfg.scheme, attn_ref), x_moments.mean)
+    s_qkv = fold(g_qkv, lambda lins, sch: _module_error(attn, calls, lins, sch, attn_ref), x_moments.mean)
     del calls
 
     # v_proj -> o_proj, scored on o_proj's output through H
-    s_o = fold(g_o, lambda lins: linear_error(ctx_moments.H, lins[0].weight.detach().clone(), cfg.scheme),
+    s_o = fold(g_o, lambda lins, sch: linear_error(ctx_moments.H, lins[0].weight.detach().clone(), sch),
                ctx_moments.mean)
 
     # MLP norm -> gate/up, scored on the MLP output over a token subsample; the pass also yields down_proj's input
@@ -277,10 +292,10 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
         clip[g_down.linears[0]].take(act)
     del attn_ref
     x2_search = search.rows().unsqueeze(0)
-    s_mlp = fold(g_mlp, lambda lins: _module_error(mlp, [((x2_search,), {})], lins, cfg.scheme), x2_moments.mean)
+    s_mlp = fold(g_mlp, lambda lins, sch: _module_error(mlp, [((x2_search,), {})], lins, sch), x2_moments.mean)
 
     # up_proj -> down_proj, scored on down_proj's output through H
-    s_down = fold(g_down, lambda lins: linear_error(act_moments.H, lins[0].weight.detach().clone(), cfg.scheme),
+    s_down = fold(g_down, lambda lins, sch: linear_error(act_moments.H, lins[0].weight.detach().clone(), sch),
                   act_moments.mean)
 
     inputs: dict[str, torch.Tensor] = {}
@@ -292,27 +307,32 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
     return inputs
 
 
-def transform_block(block: nn.Module, arch: ArchSpec, hidden: torch.Tensor, layer_kwargs: dict, cfg: AwqConfig
-                    ) -> dict[str, torch.Tensor]:
+def transform_block(block: nn.Module, arch: ArchSpec, hidden: torch.Tensor, layer_kwargs: dict, cfg: AwqConfig,
+                    config_of: Callable[[str], AwqConfig] | None = None) -> dict[str, torch.Tensor]:
     """Fold AWQ scales into ``block`` in place (group by group, in ``arch.groups`` order), then search clipping.
 
     ``hidden``: the block's calibration inputs ``[n_samples, seqlen, hidden_size]``; ``block(x, **layer_kwargs)``
     runs it. The search uses ``cfg.search_samples`` evenly spaced sequences of it. Returns
     ``{linear name: clip_max [out, G]}`` for ``quantize_weight`` (empty when ``cfg.clip`` is off).
-    The float block computes the same function afterwards, up to float rounding.
+    The float block computes the same function afterwards, up to float rounding. ``config_of(linear)``: the
+    config one linear is quantized with, when it differs from ``cfg`` (a replaced group size).
     """
+    def cfg_of(name: str) -> AwqConfig:
+        return config_of(name) if config_of is not None else cfg
+
     with torch.no_grad():
         hidden = _sample_rows(hidden.float(), cfg.search_samples)
         names = [n for n in arch.linears if not (cfg.skip_qk_clip and n.rpartition(".")[2] in _QK)]
         if arch.layout is not None and len(arch.groups) == 4:
-            inputs = _transform_staged(block, arch.layout, arch.groups, hidden, layer_kwargs, cfg, names)
+            inputs = _transform_staged(block, arch.layout, arch.groups, hidden, layer_kwargs, cfg, names,
+                                       lambda g: cfg_of(g.linears[0]))
         else:
             for group in arch.groups:
-                _scale_group(block, group, hidden, layer_kwargs, cfg)
+                _scale_group(block, group, hidden, layer_kwargs, cfg_of(group.linears[0]))
             inputs = _token_subsample(block, names, hidden, layer_kwargs, cfg.clip_tokens) if cfg.clip else {}
         if not cfg.clip:
             return {}
-        return {name: search_clip(block.get_submodule(name).weight, inputs[name], cfg) for name in names}
+        return {name: search_clip(block.get_submodule(name).weight, inputs[name], cfg_of(name)) for name in names}
 
 
 @block_procedure(ACTIVATION_SCALES)
@@ -320,10 +340,93 @@ def awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, 
                prefix: str) -> tuple[dict[str, QuantizedTensor], torch.Tensor | None]:
     """AWQ: search and fold activation scales into the block, search clipping, then quantize every linear."""
 
-    clips = transform_block(block, opened.arch, runner.hidden, runner.layer_kwargs, config)
+    arch = opened.arch
+    if "awq_groups" not in runner.notes:
+        groups = arch.groups if not arch.discovered else foldable_groups(
+            block, runner.groups(block), runner.hidden[:1], runner.layer_kwargs, arch.name)
+        runner.notes["awq_groups"] = groups
+        runner.notes["awq_unscaled"] = ["+".join(g.linears) for g in groups if g.feeder is None or not _can_fold(
+            block.get_submodule(g.feeder), [block.get_submodule(n) for n in g.linears])]
+    arch = dataclasses.replace(arch, groups=runner.notes["awq_groups"])
+    clips = transform_block(block, arch, runner.hidden, runner.layer_kwargs, config,
+                            lambda name: module_config(config, prefix + name))
     out: dict[str, QuantizedTensor] = {}
     for name in opened.arch.linears:
         W = block.get_submodule(name).weight.data
-        out[name] = quantize_weight(W, config, clip_max=clips.get(name))
+        with naming_overflows(prefix + name):
+            out[name] = quantize_weight(W, module_config(config, prefix + name), clip_max=clips.get(name))
         set_weight(block, name, out[name])
     return out, None
+
+
+#: Relative change of the block output a verified fold may cause (float32 rounding only).
+_FOLD_TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def foldable_groups(block: nn.Module, groups: tuple[LinearGroup, ...], hidden: torch.Tensor, kwargs: dict,
+                    family: str) -> tuple[LinearGroup, ...]:
+    """``groups`` with the feeder each can fold AWQ scales into, proven on ``block`` itself (None for a group left
+    unscaled: its linears are still quantized with AWQ's clip search).
+
+    A candidate is the module whose output the group reads, else an earlier linear as wide as the group's input
+    (``v_proj`` before ``o_proj``, ``up_proj`` before ``down_proj``). It is accepted only when dividing its output
+    by random scales and multiplying the group's weight columns by them leaves the block's output unchanged (so
+    the output feeds nothing else, and a norm's ``1 + w`` form is found). A group reading the residual stream
+    directly (no linear upstream of its input in the block) that cannot fold is refused: that is AWQ's main gain.
+    """
+    reference = first_output(block(hidden, **kwargs))
+    order = [n for g in groups for n in g.linears]
+    out: list[LinearGroup] = []
+    for g in groups:
+        earlier = [n for n in reversed(order[: order.index(g.linears[0])])]
+        candidates = ([g.feeder] if g.feeder is not None else []) + [n for n in earlier if n != g.feeder]
+        found = next(((name, off) for name in candidates for off in _offsets(block.get_submodule(name))
+                      if _fold_holds(block, g, name, off, hidden, kwargs, reference)), None)
+        if found is not None:
+            out.append(LinearGroup(found[0], g.linears, fold_offset=found[1]))
+            continue
+        if not _reads_linear_output(block, g, hidden, kwargs):
+            raise ConfigError(
+                f"AWQ cannot fold scales into the input of {', '.join(g.linears)} in '{family}': no norm or linear "
+                "produces that input alone (e.g. a post-norm block reads the residual stream directly)",
+                "quantize this family with gptq, rtn or hqq",
+            )
+        out.append(LinearGroup(None, g.linears))
+    return tuple(out)
+
+
+def _offsets(feeder: nn.Module) -> tuple[float, ...]:
+    return (0.0,) if isinstance(feeder, nn.Linear) else (0.0, 1.0)
+
+
+def _fold_holds(block: nn.Module, group: LinearGroup, feeder: str, offset: float, hidden: torch.Tensor, kwargs: dict,
+                reference: torch.Tensor) -> bool:
+    trial = copy.deepcopy(block)
+    module = trial.get_submodule(feeder)
+    linears = [trial.get_submodule(n) for n in group.linears]
+    if not _can_fold(module, linears):
+        return False
+    s = torch.rand(linears[0].in_features, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+    _fold(module, linears, s, offset)
+    out = first_output(trial(hidden, **kwargs))
+    return bool((out - reference).norm() <= _FOLD_TOLERANCE * reference.norm())
+
+
+def _reads_linear_output(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, kwargs: dict) -> bool:
+    """Whether the group's input depends on some linear of the block (autograd through a copy of it)."""
+    trial = copy.deepcopy(block)
+    for p in trial.parameters():
+        p.requires_grad_(False)
+    for m in trial.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.requires_grad_(True)
+    seen: list[bool] = []
+
+    def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
+        seen.append(input_of(args, kw).requires_grad)
+        raise StopForward
+
+    with torch.enable_grad():
+        run_with_hooks(trial, hidden, kwargs, [(trial.get_submodule(group.linears[0]), hook)], hidden.shape[0])
+    return bool(seen and seen[0])

@@ -19,12 +19,12 @@ from turboquant.methods.gptq import quantize_weight
 from turboquant.methods.mixed import module_config
 from turboquant.quantize.procedures import block_procedure, set_weight
 from turboquant.quantize.runner import BlockRunner, InputStats, run_staged
-from turboquant.tensor import QuantizedTensor
+from turboquant.tensor import naming_overflows, QuantizedTensor
 
 
 def wants_float_stream(opened: OpenedModel, config: MethodConfig) -> bool:
     """GPTAQ fits the float model's layer outputs, so its solver needs the float model's activations."""
-    cfg = module_config(config, opened.arch.block_prefix(0) + opened.arch.groups[0].linears[0])
+    cfg = module_config(config, opened.arch.block_prefix(0) + opened.arch.linears[0])
     return bool(getattr(cfg, "gptaq", False))
 
 
@@ -44,11 +44,12 @@ def gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel,
     def solve(names: list[str], stats: dict[str, InputStats]) -> None:
         for name in names:
             W = block.get_submodule(name).weight.data
-            out[name] = quantize_weight(W, stats[name].H, module_config(config, prefix + name), name=prefix + name,
-                                        D=stats[name].D)
+            with naming_overflows(prefix + name):
+                out[name] = quantize_weight(W, stats[name].H, module_config(config, prefix + name),
+                                            name=prefix + name, D=stats[name].D)
             set_weight(block, name, out[name])
 
-    groups = [list(g.linears) for g in opened.arch.groups]
+    groups = [list(g.linears) for g in runner.groups(block)]
     true_sequential = module_config(config, prefix + groups[0][0]).true_sequential
     if true_sequential and opened.arch.layout is not None:
         return out, run_staged(runner, block, opened.arch.layout, groups, solve, reference)

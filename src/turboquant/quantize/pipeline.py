@@ -22,12 +22,12 @@ from turboquant.io.calibration import CalibrationSet, check_vocab
 from turboquant.io.checkpoint import CheckpointWriter, dtype_name
 from turboquant.io.model import check_finite, open_model, OpenedModel
 from turboquant.methods import get_method, MethodConfig
-from turboquant.methods.base import WeightQuantConfig
+from turboquant.methods.base import group_fallbacks, WeightQuantConfig, with_group_overrides
 from turboquant.methods.mixed import base_method, MixedPrecisionConfig, module_config
 from turboquant.quantize import sensitivity as mixed_precision
 from turboquant.quantize.procedures import needs_float_stream, procedure_for
 from turboquant.quantize.runner import BlockRunner
-from turboquant.tensor import QuantScheme
+from turboquant.tensor import naming_overflows, QuantScheme
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ def quantize(
     if spec.needs_calibration and calib is None and not (mixed and config.plan and not get_method(config.base).needs_calibration):
         raise ConfigError(f"method '{spec.name}' needs calibration data", "pass --calib FILE or --data FILE")
     opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
+    fallbacks: list[str] = []
+    if isinstance(config, WeightQuantConfig):
+        widths = opened.linear_inputs()
+        config = with_group_overrides(config, widths)
+        fallbacks += group_fallbacks(config, widths)
     if isinstance(config, (WeightQuantConfig, MixedPrecisionConfig)):
         _check_scheme_fits(opened, config)
     if calib is not None:
@@ -70,7 +75,7 @@ def quantize(
         bar = _BlockProgress(tqdm(total=n_shards, desc=f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}",
                                   unit="block", disable=not progress, leave=False), spec.name, out.name)
         if get_method(base_method(config)).needs_calibration:
-            _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update)
+            fallbacks += _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update)
         else:
             for i in range(opened.n_layers):
                 tensors = opened.block(i)
@@ -84,6 +89,7 @@ def quantize(
         bar.update()
         bar.close()
         meta = _metadata(opened, config)
+        meta["fallbacks"] = fallbacks
         if mixed:
             shapes = {m: info["shape"] for m, info in writer.modules.items()}
             meta["mixed_precision"] = mixed_precision.summary(config, shapes, sensitivity)
@@ -120,8 +126,10 @@ def _quantize_calibrated(
     sequential: bool,
     batch_size: int,
     tick: Callable[[], Any],
-) -> None:
-    """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs."""
+) -> list[str]:
+    """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs.
+
+    Returns what the procedure changed from what was asked (for the manifest and the card)."""
     procedure = procedure_for(config)
     runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
     if needs_float_stream(opened, config):
@@ -149,20 +157,21 @@ def _quantize_calibrated(
         runner.release_block(i)
         runner.advance(outputs)
         tick()
+    return [f"AWQ scales not folded for {group} (no norm or linear produces its input alone): AWQ's clip search "
+            "and quantizer only" for group in runner.notes.get("awq_unscaled", [])]
 
 
 def _check_scheme_fits(opened: OpenedModel, config: WeightQuantConfig | MixedPrecisionConfig) -> None:
     """Fail before any work when the scheme cannot cover a linear (e.g. a group size not dividing in_features)."""
-    for i in range(opened.n_layers):
-        for linear in opened.arch.linears:
-            name = f"{opened.arch.block_prefix(i)}{linear}.weight"
-            for scheme in _schemes(config):
-                scheme.check_shape(opened.checkpoint.tensors[name].shape, name)
+    for module in opened.linear_inputs():
+        name = f"{module}.weight"
+        for scheme in _schemes(config, module):
+            scheme.check_shape(opened.checkpoint.tensors[name].shape, name)
 
 
-def _schemes(config: WeightQuantConfig | MixedPrecisionConfig) -> list[QuantScheme]:
+def _schemes(config: WeightQuantConfig | MixedPrecisionConfig, module: str) -> list[QuantScheme]:
     if isinstance(config, WeightQuantConfig):
-        return [config.scheme]
+        return [module_config(config, module).scheme]
     return [config.scheme_at(b) for b in config.candidate_bits]
 
 
@@ -179,7 +188,8 @@ def _process_block(
     for name, t in tensors.items():
         if name in targets:
             module = name.removesuffix(".weight")
-            out.update(writer.add_quantized(module, spec.solver(t, module_config(config, module))))
+            with naming_overflows(module):
+                out.update(writer.add_quantized(module, spec.solver(t, module_config(config, module))))
         else:
             out[name] = t
     return out

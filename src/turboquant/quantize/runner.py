@@ -10,6 +10,7 @@ runner also carries the float model's activations (``float_hidden``, for GPTAQ) 
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -17,8 +18,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from turboquant.io.arch import BlockLayout
-from turboquant.io.model import OpenedModel, build_skeleton
+from turboquant.errors import ModelLoadError
+from turboquant.io.arch import BlockLayout, LinearGroup
+from turboquant.io.model import OpenedModel
+from turboquant.io.skeleton import build_skeleton
 
 
 class StopForward(Exception):
@@ -58,45 +61,66 @@ class InputStats:
 
 @dataclass
 class BlockRunner:
-    """Holds the current block inputs ``[n_samples, seqlen, hidden]`` and runs blocks over them in batches."""
+    """Holds the current block inputs ``[n_samples, seqlen, hidden]`` and runs blocks over them in batches.
+
+    ``layer_calls[i]`` are the keyword arguments the model's own forward passes decoder layer ``i`` (position
+    embeddings, its attention mask: sliding-window or full, whatever the family computes), recorded for one sample
+    and broadcast over every batch; ``layer_kwargs`` is the current block's (set by ``load_block``).
+    """
 
     opened: OpenedModel
     skeleton: nn.Module
     hidden: torch.Tensor
-    layer_kwargs: dict
+    layer_calls: list[dict]
     batch_size: int = 8
     #: the float model's block inputs for the same samples, when a method needs them (GPTAQ); else None
     float_hidden: torch.Tensor | None = None
+    #: what a method changed from what was asked, for the manifest and the card (e.g. AWQ groups left unscaled)
+    notes: dict[str, Any] = field(default_factory=dict)
+    layer_kwargs: dict = field(init=False)
     _blocks: nn.ModuleList = field(init=False)
+    _groups: tuple[LinearGroup, ...] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._blocks = self.skeleton.get_submodule(self.opened.arch.blocks_prefix)
+        self.layer_kwargs = self.layer_calls[0]
+        self._groups = self.opened.arch.groups
 
     @classmethod
     def start(cls, opened: OpenedModel, input_ids: torch.Tensor, batch_size: int = 8) -> "BlockRunner":
-        """Embed the calibration tokens and prepare the per-block keyword arguments (RoPE, positions)."""
-        skeleton = build_skeleton(opened.source.path, dtype=torch.float32)
-        embed = skeleton.get_input_embeddings()
-        embed_name = next(n for n, m in skeleton.named_modules() if m is embed)
-        weight = opened.checkpoint.load([f"{embed_name}.weight"])[f"{embed_name}.weight"]
-        with torch.no_grad():
-            hidden = nn.functional.embedding(input_ids, weight.float())
-        del weight
-        base = skeleton.get_submodule(opened.arch.blocks_prefix.rpartition(".")[0])
-        rotary = type(base.rotary_emb)(config=skeleton.config)
-        position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
-        with torch.no_grad():
-            cos, sin = rotary(hidden[:1], position_ids)
-        kwargs = {"position_embeddings": (cos, sin), "position_ids": position_ids, "attention_mask": None}
-        return cls(opened, skeleton, hidden, kwargs, batch_size)
+        """Run the model's own forward up to its first decoder block (embeddings, scaling, masks, RoPE: whatever
+        the family does) and record what every block is called with."""
+        skeleton = build_skeleton(opened.source.path, dtype=torch.float32, real_buffers=True)
+        base_name = opened.arch.blocks_prefix.rpartition(".")[0]
+        base = skeleton.get_submodule(base_name)
+        _load_base(base, base_name, opened)
+        blocks = skeleton.get_submodule(opened.arch.blocks_prefix)
+        calls = layer_calls(base, blocks, input_ids[:1])
+        hidden = torch.cat([layer_calls(base, blocks, input_ids[i : i + batch_size], upto=0)[0]["hidden_states"]
+                            for i in range(0, input_ids.shape[0], batch_size)]).float()
+        for c in calls:
+            del c["hidden_states"]
+        return cls(opened, skeleton, hidden, calls, batch_size)
 
     def load_block(self, index: int) -> nn.Module:
-        """Block ``index`` with its real weights in float32."""
+        """Block ``index`` with its real weights in float32; its call arguments become ``layer_kwargs``."""
         block = self._blocks[index]
         prefix = self.opened.arch.block_prefix(index)
         state = {k.removeprefix(prefix): v.float() for k, v in self.opened.block(index).items()}
-        block.load_state_dict(state, strict=True, assign=True)
+        block.load_state_dict(state, strict=False, assign=True)
+        left = [n for n, p in block.named_parameters() if p.is_meta]
+        if left:
+            raise ModelLoadError(f"tensor {prefix}{left[0]} is missing from {self.opened.source.path}",
+                                 "re-fetch the complete checkpoint")
+        self.layer_kwargs = self.layer_calls[index]
         return block
+
+    def groups(self, block: nn.Module) -> tuple[LinearGroup, ...]:
+        """The block's linears by shared input, in the order they run: the table's, or traced once from
+        ``block`` (every block has the same linears, ``io.arch.discover``)."""
+        if self._groups is None:
+            self._groups = trace_groups(block, self.hidden[:1], self.layer_kwargs, self.opened.arch.linears)
+        return self._groups
 
     def release_block(self, index: int) -> None:
         self._blocks[index] = self._blocks[index].to("meta")
@@ -221,6 +245,99 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     if hf is not None:
         runner.float_hidden = h1f
     return h1
+
+
+def _load_base(base: nn.Module, base_name: str, opened: OpenedModel) -> None:
+    """Real weights for the base model's parameters outside the decoder blocks (embeddings, final norm)."""
+    prefix = f"{base_name}." if base_name else ""
+    blocks = opened.arch.blocks_prefix + "."
+    wanted = [n for n in opened.checkpoint.non_block_names(opened.arch) if n.startswith(prefix)]
+    state = {k.removeprefix(prefix): v.float() if v.is_floating_point() else v
+             for k, v in opened.checkpoint.load(wanted).items()}
+    base.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, p in base.named_parameters() if p.is_meta and not (prefix + n).startswith(blocks)]
+    if left:
+        raise ModelLoadError(f"tensor {prefix}{left[0]} is missing from {opened.source.path}",
+                             "re-fetch the complete checkpoint")
+
+
+@torch.no_grad()
+def layer_calls(base: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, upto: int | None = None
+                ) -> list[dict]:
+    """The keyword arguments (with ``hidden_states``) the base model's own forward calls blocks ``0..upto`` with.
+
+    Every block is replaced by a pass-through for the pass, so nothing but the base model's own preamble runs.
+    """
+    last = len(blocks) - 1 if upto is None else upto
+    calls: list[dict] = []
+
+    def recorder(index: int) -> Callable[..., torch.Tensor]:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            names = list(inspect.signature(type(blocks[index]).forward).parameters)[1:]
+            kwargs.update(zip(names, args))
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("layer_past", None)
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            calls.append(kwargs)
+            if index == last:
+                raise StopForward
+            return kwargs["hidden_states"]
+
+        return forward
+
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)
+        base(input_ids=input_ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    if len(calls) != last + 1 or "hidden_states" not in calls[0]:
+        raise ModelLoadError(f"{type(base).__name__}'s forward called {len(calls)} of {last + 1} decoder blocks "
+                             "with a hidden_states input", "this family's forward is not a plain block stack")
+    return calls
+
+
+def trace_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: tuple[str, ...]
+                 ) -> tuple[LinearGroup, ...]:
+    """Group ``linears`` by the tensor they read in one forward of ``block``, in call order; a group's feeder is
+    the innermost module whose output is that very tensor (None when none is)."""
+    inputs: dict[str, torch.Tensor] = {}
+    producers: dict[int, tuple[torch.Tensor, str]] = {}
+    modules = dict(block.named_modules())
+
+    def on_input(name: str) -> PreHook:
+        def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
+            inputs.setdefault(name, input_of(args, kw))
+
+        return hook
+
+    def on_output(name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+            out = first_output(out)
+            if isinstance(out, torch.Tensor):
+                producers.setdefault(id(out), (out, name))
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(on_output(n)) for n in modules if n]
+    try:
+        with torch.no_grad(), attached([(modules[n], on_input(n)) for n in linears]):
+            block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    unseen = [n for n in linears if n not in inputs]
+    if unseen:
+        raise ModelLoadError(f"linear {unseen[0]} is never called in its block's forward, so it cannot be calibrated",
+                             "use a calibration-free method (rtn, hqq) for this family")
+    groups: dict[int, list[str]] = {}
+    for name in inputs:  # insertion order: the order the linears ran
+        groups.setdefault(id(inputs[name]), []).append(name)
+    return tuple(LinearGroup(producers.get(key, (None, None))[1], tuple(names)) for key, names in groups.items())
 
 
 def input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:

@@ -84,6 +84,7 @@ def artifact_record(label: str, manifest: dict[str, Any], validation: dict[str, 
         "format_details": manifest.get("format_details"),
         "source": {"name": model_name(manifest), "repo_id": source.get("repo_id"),
                    "commit_sha": source.get("commit_sha")},
+        "fallbacks": list(manifest.get("fallbacks") or []),
         "calibration": manifest.get("calibration"),
         "calibration_sha256": calibration_hash(manifest.get("calibration")),
         "turboquant_version": manifest.get("turboquant_version"),
@@ -224,7 +225,8 @@ def card_body(repo_id: str, records: list[dict[str, Any]], *, base_model: str | 
         schemes = ", ".join(json.dumps(s, sort_keys=True) for s in r.get("schemes") or []) or "float"
         conv = (r.get("format_details") or {}).get("conversion")
         lines.append(f"- **{r['entry']}**: method `{r.get('method')}` ({json.dumps(r.get('method_config'), sort_keys=True)}), "
-                     f"scheme {schemes}, exported as `{r['format']}`" + (f" ({conv})" if conv else "") + ".")
+                     f"scheme {schemes}, exported as `{r['format']}`" + (f" ({conv})" if conv else "") + "."
+                     + ("".join(f" Changed from what was asked: {f}." for f in r.get("fallbacks") or [])))
     lines += ["", "## Files", "",
               "| File | Size | Bits per weight | Perplexity (vs base) | KL | Top-1 | Gates |",
               "|---|---|---|---|---|---|---|"]

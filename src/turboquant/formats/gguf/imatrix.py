@@ -139,7 +139,7 @@ class DequantizedModel(OpenedModel):
     def open(cls, path: Path) -> "DequantizedModel":
         ckpt = QuantizedCheckpoint.open(path)
         config = ckpt.config
-        return cls(ModelSource(path=path.resolve()), config, arch_for(config), ckpt.tensors, ckpt)
+        return cls(ModelSource(path=path.resolve()), config, arch_for(config, path), ckpt.tensors, ckpt)
 
     def block(self, index: int) -> dict[str, torch.Tensor]:
         prefix = self.arch.block_prefix(index)

@@ -1,0 +1,85 @@
+"""Module skeletons on the meta device: transformers' own modelling classes, built without memory or init cost.
+
+Evaluation, block-by-block forward passes and architecture discovery all start from one: real tensors are then
+assigned into the parts a step needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from turboquant.errors import ModelLoadError
+
+
+def build_skeleton(config_dir: Path, dtype: torch.dtype = torch.float32, real_buffers: bool = False
+                   ) -> torch.nn.Module:
+    """The transformers model for ``config_dir``'s config, on the meta device (no memory, no init cost).
+
+    ``real_buffers``: parameters stay on meta but buffers are computed for real (RoPE frequencies, embedding
+    scales: whatever a family derives from its config), so running the model's own forward needs only the weights
+    assigned in.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
+    with torch.device("meta"):  # thread-local, unlike patching nn.Module: other threads keep building real modules
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+    if real_buffers:
+        compute_buffers(model)
+    return model.eval()
+
+
+def compute_buffers(model: torch.nn.Module) -> None:
+    """Give every meta buffer real values the way transformers does after loading on meta: the family's own
+    ``_init_weights`` recomputes it. A buffer it leaves unset (still NaN) is refused, never used."""
+    for name, module in model.named_modules():
+        pending = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+        if not pending:
+            continue
+        for k in pending:
+            module._buffers[k] = torch.full(module._buffers[k].shape, _unset(module._buffers[k].dtype),
+                                            dtype=module._buffers[k].dtype)
+        with torch.no_grad():
+            model._init_weights(module)
+        for k in pending:
+            b = module._buffers[k]
+            if bool((torch.isnan(b) if b.is_floating_point() else b == _unset(b.dtype)).any()):
+                raise ModelLoadError(f"buffer {name}.{k} of '{model.config.model_type}' is not computed by its "
+                                     "modelling class's _init_weights", "this family needs a dedicated entry")
+
+
+def _unset(dtype: torch.dtype) -> float | int | bool:
+    """What a buffer holds until ``_init_weights`` sets it: NaN, or the integer type's minimum."""
+    if dtype.is_floating_point:
+        return float("nan")
+    if dtype == torch.bool:
+        raise ModelLoadError("a boolean buffer cannot be checked for being computed",
+                             "this family needs a dedicated entry")
+    return torch.iinfo(dtype).min
+
+
+def materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Assign real tensors into a skeleton built with ``real_buffers`` (its buffers are already real)."""
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    missing = [k for k in result.missing_keys if _is_meta(module, k)]
+    if missing:
+        raise ModelLoadError(
+            f"weights for {missing[0]} (and {len(missing) - 1} more) are missing", "re-fetch the checkpoint"
+        )
+    buffers = [name for name, b in module.named_buffers() if b.is_meta]
+    if buffers:
+        raise ModelLoadError(f"buffer {buffers[0]} was never computed (the skeleton was built on meta)",
+                             "build the skeleton with build_skeleton(..., real_buffers=True)")
+
+
+def _is_meta(module: torch.nn.Module, key: str) -> bool:
+    try:
+        return module.get_parameter(key).is_meta
+    except AttributeError:
+        return False
