@@ -8,6 +8,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from turboquant.io.hub import latest_commit, list_watch
+from turboquant.pipeline.plan import Plan
+from turboquant.pipeline.triage import triage
 from turboquant.release.publish import published_keys
 from turboquant.release.watch import load_watch
 
@@ -22,6 +24,13 @@ def find_releases(watch: str) -> list[dict]:
         for repo, revision in repos:
             releases.append({"repo_id": repo, "sha": latest_commit(repo, revision)})
     return releases
+
+
+@task(name="triage-release", retries=3, retry_delay_seconds=[10, 60, 300])
+def triage_release(params: str, repo_id: str, sha: str) -> list[str]:
+    """Why the plan cannot be run on this release (``unsupported: <reason>`` lines), from its config alone; empty
+    when every planned artifact can be made. No weight is downloaded."""
+    return triage(Plan.from_yaml(params), repo_id, sha).reasons()
 
 
 @task(name="published-keys", retries=3, retry_delay_seconds=[10, 60, 300])

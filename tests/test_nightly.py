@@ -4,6 +4,7 @@ ledger); a new commit is a new release."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -33,6 +34,10 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
     hub = hub_server.state
     hub.create_repo("org/tiny-llama", {p.name: p for p in tiny_model.iterdir() if p.is_file()})
     hub.create_repo("org/unrelated-model", {"README.md": "not watched"})
+    prequantized = {p.name: p for p in tiny_model.iterdir() if p.is_file()}
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    prequantized["config.json"] = json.dumps({**cfg, "quantization_config": {"quant_method": "awq", "bits": 4}})
+    hub.create_repo("org/tiny-llama-AWQ", prequantized)  # watched too: triaged from its config, never downloaded
     watch = tmp_path / "watch.yaml"
     watch.write_text(yaml.safe_dump({"watch": [{"author": "org", "name_contains": "tiny"}]}))
     params = tmp_path / "params.yaml"
@@ -56,6 +61,10 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
     assert len(published) == 1
     assert {"model.safetensors.index.json", "manifest.json", "README.md"} <= set(hub.files("tq/tiny-llama-GPTQ-Int8"))
     assert "unrelated" not in res.stdout
+    awq_sha = hub.repos["org/tiny-llama-AWQ"].head.oid
+    assert (f"unsupported org/tiny-llama-AWQ@{awq_sha[:12]}: unsupported: the checkpoint is already quantized (awq)"
+            in res.stdout)
+    assert hub.count("GET", r"tiny-llama-AWQ/.*\.safetensors") == 0
 
     (tmp_path / "nightly" / "processed.jsonl").unlink()  # the Hub's commit history alone says it is done
     again = _nightly(tmp_path, watch, params)

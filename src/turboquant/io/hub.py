@@ -17,12 +17,13 @@ import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from turboquant.errors import ConfigError, ModelLoadError
-from turboquant.io.files import MODEL_FILE_PATTERNS, PICKLE_PATTERNS
+from turboquant.io.files import AUX_FILE_PATTERNS, MODEL_FILE_PATTERNS, PICKLE_PATTERNS
 
 logger = logging.getLogger("turboquant.hub")
 T = TypeVar("T")
@@ -260,14 +261,13 @@ def fetch_snapshot(repo_id: str, revision: str | None = None, allow_pickle: bool
     cache is used as is.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hf_errors
 
     check_repo_id(repo_id)
     ensure_client_timeout()
     patterns = MODEL_FILE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     cache = Path(cache_dir).expanduser() if cache_dir else hub_cache_dir()
     url = hub_endpoint(endpoint)
-    try:
+    with hub_errors(repo_id, revision, token, url):
         if hub_offline():
             path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=str(cache),
                                           local_files_only=True))
@@ -284,6 +284,40 @@ def fetch_snapshot(repo_id: str, revision: str | None = None, allow_pickle: bool
                 retry, what=f"download {repo_id}"))
         if revision != info.sha:
             _store_ref(cache, repo_id, revision or "main", info.sha)
+    return path, info.sha
+
+
+def fetch_config(repo_id: str, revision: str | None = None, *, token: str | None = None,
+                 endpoint: str | None = None, cache_dir: str | Path | None = None,
+                 retry: RetryPolicy | None = None) -> tuple[Path, str, list[str]]:
+    """A release's config and tokenizer files only (no weights), for triage before any weight is fetched:
+    ``(directory holding them, commit sha, the names of every file in the repo)``."""
+    from huggingface_hub import snapshot_download
+
+    check_repo_id(repo_id)
+    ensure_client_timeout()
+    cache = Path(cache_dir).expanduser() if cache_dir else hub_cache_dir()
+    url = hub_endpoint(endpoint)
+    with hub_errors(repo_id, revision, token, url):
+        api = hub_api(token, endpoint)
+        info = with_retries(lambda _: api.model_info(repo_id, revision=revision), retry, what=f"model_info {repo_id}")
+        files = sorted(s.rfilename for s in info.siblings or [])
+        if "config.json" not in files:
+            raise ModelLoadError(f"'{repo_id}' has no config.json", "watch a Hugging Face model repo")
+        with quiet_hub():
+            path = Path(with_retries(lambda _: snapshot_download(
+                repo_id, revision=info.sha, allow_patterns=list(AUX_FILE_PATTERNS), cache_dir=str(cache),
+                endpoint=url, token=token), retry, what=f"download {repo_id} config"))
+    return path, str(info.sha), files
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None, token: str | None, url: str) -> Iterator[None]:
+    """The Hub's exceptions as one-line ``ModelLoadError``s naming the repo and the fix."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        yield
     except hf_errors.GatedRepoError:
         raise ModelLoadError(
             f"model '{repo_id}' is gated", "accept its license on the Hub and log in (`hf auth login` or HF_TOKEN)"
@@ -305,12 +339,13 @@ def fetch_snapshot(repo_id: str, revision: str | None = None, allow_pickle: bool
         raise ModelLoadError(
             f"the Hub refused '{repo_id}': {first_error_line(e, token)}", "check HF_ENDPOINT, your token and the repo id"
         ) from None
+    except ModelLoadError:
+        raise
     except Exception as e:
         if not is_transient(e):
             raise
         raise ModelLoadError(f"the Hub at {url} could not be reached for '{repo_id}' ({first_error_line(e, token)})",
                              "check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache") from None
-    return path, info.sha
 
 
 def latest_commit(repo_id: str, revision: str = "main", token: str | None = None, *,

@@ -1,5 +1,6 @@
 """What ``turboquant plan`` prints: the DAG a plan expands to, with the pool of every task and every impossible
-(quantization, format) combination found on a local model's real shapes."""
+(quantization, format) combination, found on a local model's real shapes or, for a Hub model, by triage from its
+config alone (``pipeline.triage``: no weight is downloaded)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from turboquant.errors import ConfigError, TurboQuantError
 from turboquant.io.model import resolve_model
 from turboquant.pipeline.placement import Placement, place_method, place_validator
 from turboquant.pipeline.plan import Plan
+from turboquant.pipeline.triage import triage
 
 
 def overview(plan: Plan) -> tuple[list[str], list[tuple[str, TurboQuantError]], int]:
@@ -17,19 +19,33 @@ def overview(plan: Plan) -> tuple[list[str], list[tuple[str, TurboQuantError]], 
     failures: list[tuple[str, TurboQuantError]] = []
     for m in plan.models:
         lines.append(f"model {m.id}" + (f" @ {m.revision}" if m.revision else ""))
-        results = plan.check_formats(resolve_model(m.local_dir).path) if m.local_dir else None
+        if m.local_dir:
+            results = plan.check_formats(resolve_model(m.local_dir).path)
+        else:
+            results = _triaged(plan, m.id, m.revision)
+            if isinstance(results, TurboQuantError):
+                lines.append(f"  unsupported: {results}")
+                failures.append((m.id, results))
+                continue
         lines.append("  fetch → calibrate → baseline (pool cpu)")
         for q in plan.quantize:
             lines.append(f"  quantize {q.name} (pool {_pool_of(place_method, q.config.method)}): {q.config.to_json()}")
             for target in q.formats:
-                err = next((e for n, lbl, e in results or () if n == q.name and lbl == target.label), None)
+                err = next((e for n, lbl, e in results if n == q.name and lbl == target.label), None)
                 lines.append(f"    export {target.label} → validate (pool {_pool_of(place_validator, target.format)})"
                              f" → gate → publish" + (f"  <- IMPOSSIBLE: {err}" if err else ""))
                 if err:
                     failures.append((f"{m.id} {q.name} -> {target.label}", err))
-        if results is None:
-            lines.append("  (Hub model: shapes are checked once it is fetched)")
     return lines, failures, sum(len(q.formats) for q in plan.quantize) * len(plan.models)
+
+
+def _triaged(plan: Plan, repo_id: str, revision: str | None
+             ) -> list[tuple[str, str, TurboQuantError | None]] | TurboQuantError:
+    """Triage's verdict in ``check_formats``' shape, or the error that makes the whole release unsupported."""
+    t = triage(plan, repo_id, revision)
+    if t.unsupported is not None:
+        return t.unsupported
+    return [(q, label, err) for (q, label), err in t.artifacts.items()]
 
 
 def _pool_of(place: Callable[[str], Placement], name: str) -> str:
