@@ -224,6 +224,8 @@ def test_export_refuses_an_incomplete_or_corrupt_checkpoint(tiny_model, tmp_path
     with pytest.raises(TurboQuantError, match=r"1 of the model's 14 linears are not quantized .*model\.layers\.1\.mlp"):
         export(broken, "gptq", tmp_path / "a1")
     assert not (tmp_path / "a1").exists()
+    with pytest.raises(TurboQuantError, match=r"1 of the model's 14 linears are not quantized"):
+        validate(broken, tiny_model, HELDOUT, ctx=64, max_tokens=256)
     zeroed = tmp_path / "zeroed"
     shutil.copytree(qdir, zeroed)
     name = "model.layers.0.self_attn.k_proj.qscale"

@@ -62,7 +62,8 @@ def test_onnx_and_mlx_are_measured_in_their_runtimes(w4, tmp_path, fmt, runtime,
 
 
 def test_broken_artifact_fails_every_gate_with_reasons(w4, tmp_path):
-    """Scales zeroed in one layer (its weights become 0): every gate must fail, each with its reason."""
+    """Scales multiplied by 64 in one layer (structurally valid, so not refused up front as zero scales are; its
+    weights are wrong): every gate must fail, each with its reason."""
     import shutil
 
     broken = tmp_path / "broken"
@@ -71,7 +72,7 @@ def test_broken_artifact_fails_every_gate_with_reasons(w4, tmp_path):
     state = load_file(shard)
     for name in state:
         if name.startswith("model.layers.0.") and name.endswith(".qscale"):
-            state[name] = torch.zeros_like(state[name])
+            state[name] = state[name] * 64
     save_file(state, shard, metadata={"format": "pt"})
     out = tmp_path / "v.json"
     res = CliRunner().invoke(app, ["validate", str(broken), "--baseline", str(REF_MODEL), "--text", str(HELDOUT),

@@ -16,7 +16,7 @@ import torch
 
 from turboquant.errors import DataError
 from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
-from turboquant.io.checkpoint import METADATA_FILE
+from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint
 from turboquant.io.manifest import find_manifest
 from turboquant.io.model import LazyCheckpoint
 from turboquant.quality.bnb import bnb_bits_per_weight as bnb_bits
@@ -101,6 +101,8 @@ def validate(
     """Metrics and verdict for ``artifact`` against ``baseline`` (the unquantized model) on ``text``."""
     artifact, baseline = Path(artifact), Path(baseline)
     fmt = artifact_format(artifact)
+    if fmt == "canonical":
+        QuantizedCheckpoint.open(artifact).check_complete()  # exported artifacts were checked at export
     runtime_name, runtime = open_runtime(artifact)
     tokenizer = load_tokenizer(artifact if (artifact / "tokenizer_config.json").is_file() else baseline)
     ids = tokenize(tokenizer, read_text(text))
