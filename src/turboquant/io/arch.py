@@ -2,14 +2,14 @@
 
 Any decoder family transformers ships is *discovered* from its own modelling classes built on the meta device
 (``discover``): the decoder block list and each block's ``nn.Linear`` layers. Which linears share an input (a
-``LinearGroup``) is traced later, in a real block forward (``quantize.graph``). The table (``ARCHITECTURES``) is an
+``LinearGroup``) is traced later, in a real block forward (``quantize.runner.trace_groups``). The table (``ARCHITECTURES``) is an
 optional speed-up for families proven equal to discovery (a test holds them to it): it names the groups up front
 and the ``BlockLayout`` that lets the calibrated pipeline run a pre-norm block one sub-layer at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -56,7 +56,7 @@ class ArchSpec:
     """Where a model keeps its decoder blocks and which linear layers each block has.
 
     ``groups`` (the table's families) lists the linears by shared input in execution order; None when they are
-    traced from a real block forward (``quantize.graph.trace_groups``). ``layout`` is set when the block is the
+    traced from a real block forward (``quantize.runner.trace_groups``). ``layout`` is set when the block is the
     standard pre-norm residual pair whose four linear groups (in ``groups`` order) read: the attention norm's
     output, ``attn_out``'s input, the MLP norm's output and ``mlp_out``'s input.
     """
@@ -76,7 +76,7 @@ class ArchSpec:
         return f"{self.blocks_prefix}.{index}."
 
     def with_layers(self, n_layers: int) -> "ArchSpec":
-        return ArchSpec(self.name, self.blocks_prefix, self.linears, n_layers, self.groups, self.layout)
+        return replace(self, n_layers=n_layers)
 
 
 _LLAMA_GROUPS = (

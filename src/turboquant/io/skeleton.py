@@ -39,8 +39,8 @@ def compute_buffers(model: torch.nn.Module) -> None:
         if not pending:
             continue
         for k in pending:
-            module._buffers[k] = torch.full(module._buffers[k].shape, _unset(module._buffers[k].dtype),
-                                            dtype=module._buffers[k].dtype)
+            meta = module._buffers[k]
+            module._buffers[k] = torch.full(meta.shape, _unset(meta.dtype), dtype=meta.dtype)
         with torch.no_grad():
             model._init_weights(module)
         for k in pending:

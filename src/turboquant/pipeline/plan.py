@@ -19,9 +19,10 @@ from turboquant.formats.base import get_format, resolve_options
 from turboquant.io.calibration import CalibrationRecipe
 from turboquant.io.model import open_model, OpenedModel, read_config
 from turboquant.methods import make_config, MethodConfig
-from turboquant.methods.base import get_method, WeightQuantConfig, with_group_overrides
+from turboquant.methods.base import get_method, WeightQuantConfig
 from turboquant.methods.mixed import MixedPrecisionConfig, module_config
 from turboquant.quality.gates import Gates
+from turboquant.quantize.pipeline import planned_config
 from turboquant.tensor import QuantScheme
 
 TOP_KEYS = {"models", "calibration", "evaluation", "quantize", "gates", "publish"}
@@ -227,12 +228,11 @@ class Plan:
         out = []
         for q in self.quantize:
             try:
-                planned = PlannedCheckpoint.of(opened, q.config)
-                for module, info in planned.modules.items():
-                    QuantScheme.from_dict(info["scheme"]).check_shape(tuple(info["shape"]), f"{module}.weight")
+                config, _ = planned_config(opened, q.config)
             except TurboQuantError as e:
                 out += [(q.name, target.label, e) for target in q.formats]
                 continue
+            planned = PlannedCheckpoint.of(opened, config)
             for target in q.formats:
                 try:
                     spec = get_format(target.format)
@@ -285,20 +285,15 @@ class PlannedCheckpoint:
     planned: bool = True
 
     @classmethod
-    def build(cls, model_dir: Path, config: MethodConfig) -> "PlannedCheckpoint":
-        return cls.of(open_model(model_dir), config)
-
-    @classmethod
     def of(cls, opened: OpenedModel, config: MethodConfig) -> "PlannedCheckpoint":
-        """The checkpoint ``config`` will make of ``opened`` (whose tensors may be only shapes: triage)."""
+        """The checkpoint ``config`` (as ``quantize.pipeline.planned_config`` resolved it) will make of ``opened``
+        (whose tensors may be only shapes: triage)."""
         modules: dict[str, dict[str, Any]] = {}
         if isinstance(config, MixedPrecisionConfig):
             return cls._build_mixed(opened, config)
         if isinstance(config, WeightQuantConfig):
             act_order, fractional = config.permutes_groups, config.fractional_zeros
-            widths = opened.linear_inputs()
-            config = with_group_overrides(config, widths)
-            for name in widths:
+            for name in opened.linear_inputs():
                 info = opened.checkpoint.tensors[f"{name}.weight"]
                 modules[name] = {"shape": list(info.shape), "dtype": _dtype(info.dtype),
                                  "scheme": module_config(config, name).scheme.to_dict(), "act_order": act_order,

@@ -44,10 +44,6 @@ def _inspect_name(group: LinearGroup) -> str:
     return parents.pop() if len(parents) == 1 else ""  # readers in several sub-modules (parallel blocks): the block
 
 
-def _offset(feeder: nn.Module, group: LinearGroup) -> float:
-    return group.fold_offset if not isinstance(feeder, nn.Linear) else 0.0
-
-
 def _can_fold(feeder: nn.Module, linears: list[nn.Linear]) -> bool:
     """Whether ``feeder``'s output channels map one to one onto the linears' input channels."""
     n_in = linears[0].in_features
@@ -107,7 +103,7 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
     else:
         error = _module_error(inspect, calls, linears, cfg.scheme)
     s = _best_scale(x_mean, linears, error, cfg)
-    _fold(feeder, linears, s, _offset(feeder, group))
+    _fold(feeder, linears, s, group.fold_offset)
     return s
 
 
@@ -255,7 +251,7 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
             return None
         c = cfg_for(group)
         s = _best_scale(x_mean, linears, error_of(linears, c.scheme), c)
-        _fold(feeder, linears, s, _offset(feeder, group))
+        _fold(feeder, linears, s, group.fold_offset)
         return s
 
     # attention norm -> q/k/v, scored on the attention output; the float pass also yields o_proj's input

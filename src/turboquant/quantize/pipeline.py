@@ -55,13 +55,7 @@ def quantize(
     if spec.needs_calibration and calib is None and not (mixed and config.plan and not get_method(config.base).needs_calibration):
         raise ConfigError(f"method '{spec.name}' needs calibration data", "pass --calib FILE or --data FILE")
     opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
-    fallbacks: list[str] = []
-    if isinstance(config, WeightQuantConfig):
-        widths = opened.linear_inputs()
-        config = with_group_overrides(config, widths)
-        fallbacks += group_fallbacks(config, widths)
-    if isinstance(config, (WeightQuantConfig, MixedPrecisionConfig)):
-        _check_scheme_fits(opened, config)
+    config, fallbacks = planned_config(opened, config)
     if calib is not None:
         check_vocab(calib, int(opened.config.get("vocab_size", 0)) or 1 << 62)
     out = Path(out)
@@ -159,6 +153,19 @@ def _quantize_calibrated(
         tick()
     return [f"AWQ scales not folded for {group} (no norm or linear produces its input alone): AWQ's clip search "
             "and quantizer only" for group in runner.notes.get("awq_unscaled", [])]
+
+
+def planned_config(opened: OpenedModel, config: MethodConfig) -> tuple[MethodConfig, list[str]]:
+    """``config`` as it will run on ``opened`` (per-layer groups under ``indivisible``) and what that changed from
+    what was asked; fails before any work when the scheme cannot cover a linear. The plan check runs the same."""
+    fallbacks: list[str] = []
+    if isinstance(config, WeightQuantConfig):
+        widths = opened.linear_inputs()
+        config = with_group_overrides(config, widths)
+        fallbacks = group_fallbacks(config, widths)
+    if isinstance(config, (WeightQuantConfig, MixedPrecisionConfig)):
+        _check_scheme_fits(opened, config)
+    return config, fallbacks
 
 
 def _check_scheme_fits(opened: OpenedModel, config: WeightQuantConfig | MixedPrecisionConfig) -> None:

@@ -107,11 +107,7 @@ class BlockRunner:
         block = self._blocks[index]
         prefix = self.opened.arch.block_prefix(index)
         state = {k.removeprefix(prefix): v.float() for k, v in self.opened.block(index).items()}
-        block.load_state_dict(state, strict=False, assign=True)
-        left = [n for n, p in block.named_parameters() if p.is_meta]
-        if left:
-            raise ModelLoadError(f"tensor {prefix}{left[0]} is missing from {self.opened.source.path}",
-                                 "re-fetch the complete checkpoint")
+        _assign(block, state, prefix, self.opened)
         self.layer_kwargs = self.layer_calls[index]
         return block
 
@@ -254,8 +250,14 @@ def _load_base(base: nn.Module, base_name: str, opened: OpenedModel) -> None:
     wanted = [n for n in opened.checkpoint.non_block_names(opened.arch) if n.startswith(prefix)]
     state = {k.removeprefix(prefix): v.float() if v.is_floating_point() else v
              for k, v in opened.checkpoint.load(wanted).items()}
-    base.load_state_dict(state, strict=False, assign=True)
-    left = [n for n, p in base.named_parameters() if p.is_meta and not (prefix + n).startswith(blocks)]
+    _assign(base, state, prefix, opened, skip=blocks)
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, opened: OpenedModel,
+            skip: str | None = None) -> None:
+    """Assign ``state`` into the meta ``module``; a parameter left on meta (outside ``skip``) is a missing tensor."""
+    module.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, p in module.named_parameters() if p.is_meta and not (skip and (prefix + n).startswith(skip))]
     if left:
         raise ModelLoadError(f"tensor {prefix}{left[0]} is missing from {opened.source.path}",
                              "re-fetch the complete checkpoint")
@@ -270,10 +272,10 @@ def layer_calls(base: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
     """
     last = len(blocks) - 1 if upto is None else upto
     calls: list[dict] = []
+    names = list(inspect.signature(type(blocks[0]).forward).parameters)[1:]  # one block class (io.arch)
 
     def recorder(index: int) -> Callable[..., torch.Tensor]:
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            names = list(inspect.signature(type(blocks[index]).forward).parameters)[1:]
             kwargs.update(zip(names, args))
             kwargs.pop("past_key_values", None)
             kwargs.pop("layer_past", None)
