@@ -140,7 +140,9 @@ def test_lazy_checkpoint_reads_only_requested_tensors(tiny_model):
 
 @pytest.mark.parametrize("quant,needle", [({"quant_method": "gptq", "bits": 4}, r"already quantized \(gptq\)"),
                                           ({"quant_method": "bitsandbytes"}, r"already quantized \(bitsandbytes\)"),
-                                          ({"quant_method": "mxfp4"}, "stored as mxfp4, which is not read yet")])
+                                          ({"quant_method": "awq", "bits": 4}, r"already quantized \(awq\)"),
+                                          ({"quant_method": "compressed-tensors"},
+                                           r"already quantized \(compressed-tensors\)")])
 def test_prequantized_sources_are_refused_with_the_fix(tiny_model_copy, quant, needle):
     cfg = json.loads((tiny_model_copy / "config.json").read_text())
     (tiny_model_copy / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))

@@ -59,7 +59,8 @@ def test_triage_judges_every_artifact_from_the_config_alone(tmp_path, hub_server
     pre = triage(plan, "org/tiny-gptq")
     assert pre.reasons() == ["unsupported: the checkpoint is already quantized (gptq). Fix: quantize the original "
                              "float16 / bfloat16 checkpoint it was made from."]
-    assert "stored as fp8, which is not read yet" in triage(plan, "org/tiny-fp8").reasons()[0]
+    fp8 = triage(plan, "org/tiny-fp8")  # FP8 releases are dequantized on read: judged like any other
+    assert fp8.processable and fp8.unsupported is None, fp8.reasons()
     assert hub_server.state.count("GET", r"\.safetensors") == 0  # not one weight byte was fetched
 
     res = CliRunner().invoke(app, ["plan", str(tmp_path / "params.yaml")])

@@ -106,14 +106,19 @@ class CheckpointWriter:
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         self.shards.write(index, tensors)
 
-    def finish(self, metadata: dict[str, Any], aux_files: list[Path], config_updates: dict[str, Any]) -> None:
+    def finish(self, metadata: dict[str, Any], aux_files: list[Path], config_updates: dict[str, Any],
+               config_drops: tuple[str, ...] = ()) -> None:
+        """Index, the source's files (config.json with ``config_updates`` set and ``config_drops`` removed: a
+        dequantized source's ``quantization_config``), then the metadata, last."""
         self.shards.write_index()
         for f in aux_files:
             shutil.copyfile(f, self.root / f.name)
-        if config_updates:
+        if config_updates or config_drops:
             cfg_path = self.root / "config.json"
             config = json.loads(cfg_path.read_text())
             config.update(config_updates)
+            for key in config_drops:
+                config.pop(key, None)
             cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         faults.point("quantize.before_metadata")
         full = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,6 +20,8 @@ from turboquant.errors import first_line, ModelLoadError
 from turboquant.io.arch import ArchSpec, arch_for
 from turboquant.io.files import AUX_FILE_PATTERNS, matching_files
 from turboquant.io.hub import fetch_snapshot
+from turboquant.io.source_encoding import DEQUANTIZED_HEADER, EncodedTensor, source_encoding, SourceEncoding, \
+    StoredTensor
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model sources
@@ -31,20 +33,27 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model came from: a Hub repo at a resolved commit, or a local directory."""
+    """Where a model came from: a Hub repo at a resolved commit, or a local directory; ``encoding`` when its
+    weights are stored encoded (FP8, MXFP4) and are dequantized on read."""
 
     path: Path
     repo_id: str | None = None
     revision: str | None = None
     commit_sha: str | None = None
+    encoding: SourceEncoding | None = None
 
     def describe(self) -> dict:
-        return {
+        """The source as manifests record it (``source_encoding`` only for an encoded source, so a plain source's
+        record is unchanged)."""
+        out = {
             "path": str(self.path),
             "repo_id": self.repo_id,
             "revision": self.revision,
             "commit_sha": self.commit_sha,
         }
+        if self.encoding is not None:
+            out["source_encoding"] = self.encoding.describe()
+        return out
 
     def content_hash(self) -> str:
         """sha256 over the names and bytes of the weight, config and tokenizer files (for local models)."""
@@ -100,18 +109,29 @@ class TensorInfo:
 
 @dataclass
 class LazyCheckpoint:
-    """Name → file map over a checkpoint's weight files; tensors are read only when asked for."""
+    """Name → file map over a checkpoint's weight files; tensors are read only when asked for.
+
+    With an ``encoding`` (FP8 / MXFP4 sources), ``tensors`` holds the logical tensors, dequantized names and shapes
+    with dtype BF16, and ``load`` rebuilds them from their stored parts (``stored``, by ``encoded``): scales and
+    activation scales are never reported.
+    """
 
     path: Path
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     pickled: bool = False
+    encoding: SourceEncoding | None = None
+    stored: dict[str, TensorInfo] = field(default_factory=dict)
+    encoded: dict[str, EncodedTensor] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path, allow_pickle: bool = False) -> "LazyCheckpoint":
+    def open(cls, path: Path, allow_pickle: bool = False, encoding: SourceEncoding | None = None
+             ) -> "LazyCheckpoint":
         files = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
         if files:
-            ckpt = cls(path=path)
+            ckpt = cls(path=path, encoding=encoding)
             ckpt._index_safetensors(files)
+            if encoding is not None:
+                ckpt._apply_encoding(encoding)
             return ckpt
         pickles = sorted(p for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if not pickles:
@@ -121,6 +141,9 @@ class LazyCheckpoint:
                 f"{path} has only pickle weights ({pickles[0].name}), which can run arbitrary code when loaded",
                 "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its source",
             )
+        if encoding is not None:
+            raise ModelLoadError(f"{path} stores {encoding.quant_method} weights in pickle files, which are not read",
+                                 "use the release's *.safetensors weights")
         ckpt = cls(path=path, pickled=True)
         ckpt._index_pickles(pickles)
         return ckpt
@@ -163,20 +186,45 @@ class LazyCheckpoint:
             for name, t in state.items():
                 self.tensors[name] = TensorInfo(f, tuple(t.shape), str(t.dtype))
 
+    def _apply_encoding(self, encoding: SourceEncoding) -> None:
+        """Replace the stored tensors by the logical ones, in file order (an encoded tensor where its codes are)."""
+        layout = encoding.layout({n: StoredTensor(i.shape, i.dtype) for n, i in self.tensors.items()})
+        by_codes = {entry.codes: entry for entry in layout.encoded.values()}
+        self.stored, self.encoded, self.tensors = self.tensors, layout.encoded, {}
+        for name, info in self.stored.items():
+            if name in by_codes:
+                entry = by_codes[name]
+                self.tensors[entry.name] = TensorInfo(info.file, entry.shape, DEQUANTIZED_HEADER)
+            elif name not in layout.hidden:
+                self.tensors[name] = info
+
     def names(self) -> list[str]:
         return list(self.tensors)
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read ``names``, opening each file once.
+        """Read ``names``, opening each file once; encoded tensors come back dequantized (bfloat16).
 
         safetensors returns tensors backed by the mapped file: their pages count in RSS until the tensors are
         freed, so callers release a block's tensors before reading the next.
         """
-        by_file: dict[Path, list[str]] = {}
+        if self.encoding is None:
+            return self._read(names, self.tensors)
+        names = list(names)
         for name in names:
             if name not in self.tensors:
                 raise ModelLoadError(f"tensor {name} is missing from {self.path}", "re-fetch the complete checkpoint")
-            by_file.setdefault(self.tensors[name].file, []).append(name)
+        parts = [p for n in names for p in (self.encoded[n].parts if n in self.encoded else (n,))]
+        raw = self._read(parts, self.stored)
+        return {n: self.encoded[n].decode(raw[self.encoded[n].codes], raw[self.encoded[n].scales])
+                if n in self.encoded else raw[n] for n in names}
+
+    def _read(self, names: Iterable[str], infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+        """The stored tensors ``names`` (described by ``infos``), opening each file once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in infos:
+                raise ModelLoadError(f"tensor {name} is missing from {self.path}", "re-fetch the complete checkpoint")
+            by_file.setdefault(infos[name].file, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for f, wanted in by_file.items():
             if self.pickled:
@@ -207,7 +255,8 @@ class LazyCheckpoint:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _check_file_size(f: Path, tensors: dict[str, TensorInfo]) -> None:
@@ -294,33 +343,24 @@ def open_model(model: str | Path, revision: str | None = None, allow_pickle: boo
     """
     source = resolve_model(model, revision, allow_pickle=allow_pickle)
     config = read_config(source.path)
-    check_source_weights(config)
+    encoding = source_encoding(config)
     n_layers = config.get("num_hidden_layers", 1)
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ModelLoadError(f"config.json has num_hidden_layers={n_layers!r}", "restore the model's config.json")
     arch = arch_for(config, source.path)
-    checkpoint = LazyCheckpoint.open(source.path, allow_pickle=allow_pickle)
+    checkpoint = LazyCheckpoint.open(source.path, allow_pickle=allow_pickle, encoding=encoding)
+    if encoding is not None:
+        source = replace(source, encoding=encoding)
     opened = OpenedModel(source, config, arch, checkpoint)
     _check_blocks_present(opened)
     return opened
 
 
-#: Source encodings a new release may ship in that are not read yet (dequantized on read: issue 16, part 4).
-_UNREAD_SOURCE_FORMATS = ("fp8", "fbgemm_fp8", "mxfp4")
-
-
-def check_source_weights(config: dict) -> None:
-    """Refuse a checkpoint whose ``quantization_config`` says its weights are not plain floats: quantizing
-    already-quantized weights again would compound two roundings, and the codes are not what the layout holds."""
-    q = config.get("quantization_config")
-    if not isinstance(q, dict):
-        return
-    method = str(q.get("quant_method") or q.get("quant_type") or "an unnamed scheme")
-    if method in _UNREAD_SOURCE_FORMATS:
-        raise ModelLoadError(f"the checkpoint's weights are stored as {method}, which is not read yet",
-                             "quantize the model's bfloat16 / float16 release")
-    raise ModelLoadError(f"the checkpoint is already quantized ({method})",
-                         "quantize the original float16 / bfloat16 checkpoint it was made from")
+def open_source_checkpoint(path: Path) -> LazyCheckpoint:
+    """A source model's weights as the pipeline reads them: dequantized when its config.json says they are
+    encoded (for readers that compare against, or count, a model's source weights)."""
+    encoding = source_encoding(read_config(path)) if (path / "config.json").is_file() else None
+    return LazyCheckpoint.open(path, encoding=encoding)
 
 
 def _check_blocks_present(model: OpenedModel) -> None:

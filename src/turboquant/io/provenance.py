@@ -48,10 +48,13 @@ def model_content_hash(path: str | Path) -> str:
 def source_record(source: dict[str, Any] | None) -> dict[str, Any] | None:
     """The model's identity: Hub repo + resolved commit sha, or a local directory + its content hash.
 
-    A Hub snapshot's cache path is dropped (it names the user's home, not the model)."""
+    A Hub snapshot's cache path is dropped (it names the user's home, not the model). An encoded (FP8 / MXFP4)
+    source keeps its ``source_encoding``: how it was stored and what it was dequantized to."""
     if not source:
         return source
     out = {k: source.get(k) for k in ("repo_id", "revision", "commit_sha")}
+    if source.get("source_encoding"):
+        out["source_encoding"] = source["source_encoding"]
     if source.get("repo_id"):
         return out
     path = Path(source.get("path") or "")

@@ -14,9 +14,9 @@ from pathlib import Path
 from turboquant.errors import ModelLoadError, TurboQuantError
 from turboquant.io.arch import arch_for
 from turboquant.io.hub import fetch_config
-from turboquant.io.model import (check_source_weights, LazyCheckpoint, ModelSource, OpenedModel, read_config,
-                                 TensorInfo)
+from turboquant.io.model import LazyCheckpoint, ModelSource, OpenedModel, read_config, TensorInfo
 from turboquant.io.skeleton import build_skeleton
+from turboquant.io.source_encoding import source_encoding
 from turboquant.pipeline.plan import Plan
 
 #: config.json's dtype names as safetensors headers spell them (what the planned checkpoint records).
@@ -48,7 +48,7 @@ def shapes_only(config_dir: Path, files: list[str], repo_id: str | None = None, 
                 ) -> OpenedModel:
     """An ``OpenedModel`` whose tensors are only names and shapes, from the modelling class on meta."""
     config = read_config(config_dir)
-    check_source_weights(config)
+    source_encoding(config)
     if not any(f.endswith(".safetensors") for f in files):
         pickles = any(f.endswith((".bin", ".pt", ".pth")) for f in files)
         raise ModelLoadError(f"'{repo_id}' has {'only pickle' if pickles else 'no'} weight files",

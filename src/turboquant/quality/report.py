@@ -19,7 +19,7 @@ import torch
 
 from turboquant.errors import DataError
 from turboquant.io.checkpoint import QuantizedCheckpoint
-from turboquant.io.model import LazyCheckpoint
+from turboquant.io.model import open_source_checkpoint
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 PARETO_PNG, LAYERS_PNG = "size_vs_perplexity.png", "layer_error.png"
@@ -60,7 +60,7 @@ def layer_errors(qdir: Path) -> dict[str, list[float]]:
     source = Path(ckpt.meta["source"]["path"])
     if not source.is_dir():
         return {}
-    src = LazyCheckpoint.open(source)
+    src = open_source_checkpoint(source)
     errors: dict[str, dict[int, float]] = {}
     for module in ckpt.modules:
         m = re.search(r"\.(\d+)\.(.+)$", module)

@@ -18,7 +18,7 @@ from turboquant.errors import DataError
 from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint
 from turboquant.io.manifest import find_manifest
-from turboquant.io.model import LazyCheckpoint
+from turboquant.io.model import open_source_checkpoint
 from turboquant.quality.bnb import bnb_bits_per_weight as bnb_bits
 from turboquant.quality.evaluate import BaselineLogits, evaluate_many, model_context
 from turboquant.quality.gates import Gates, judge
@@ -35,7 +35,7 @@ def weight_bytes(path: Path) -> int:
 
 
 def parameter_count(model_dir: Path) -> int:
-    ckpt = LazyCheckpoint.open(Path(model_dir))
+    ckpt = open_source_checkpoint(Path(model_dir))
     total = 0
     for info in ckpt.tensors.values():
         n = 1

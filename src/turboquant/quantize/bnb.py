@@ -9,13 +9,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from turboquant.errors import ModelLoadError
+from turboquant.io.model import read_config
+from turboquant.io.source_encoding import source_encoding
 from turboquant.methods.bnb import BnbConfig, quantization_config
 
 
 def load_quantized(model_dir: str | Path, cfg: BnbConfig, dtype: "torch.dtype | str" = torch.float32) -> nn.Module:
-    """The model at ``model_dir`` loaded on CPU with its linears quantized by bitsandbytes (``dtype``: the rest)."""
+    """The model at ``model_dir`` loaded on CPU with its linears quantized by bitsandbytes (``dtype``: the rest).
+
+    An FP8 / MXFP4 source is refused: transformers would load it with its own quantization_config and ignore
+    bitsandbytes' (TurboQuant's own dequantizing reader is not what transformers loads through)."""
     from transformers import AutoModelForCausalLM
 
+    encoding = source_encoding(read_config(Path(model_dir)))
+    if encoding is not None:
+        raise ModelLoadError(f"bnb-* methods load the model through transformers, which keeps the "
+                             f"{encoding.quant_method} source's own quantization and ignores bitsandbytes'",
+                             "quantize the model's bfloat16 release with bnb-*, or use rtn / gptq / awq / hqq")
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map="cpu",
                                                 quantization_config=quantization_config(cfg)).eval()
 

@@ -89,7 +89,7 @@ def quantize(
             meta["mixed_precision"] = mixed_precision.summary(config, shapes, sensitivity)
         if calib is not None:
             meta["calibration"] = {"recipe": calib.recipe.to_dict(), **calib.provenance, "sequential": sequential}
-        writer.finish(meta, opened.aux_files(), _config_updates(opened, config))
+        writer.finish(meta, opened.aux_files(), _config_updates(opened, config), _config_drops(opened))
     return out
 
 
@@ -220,6 +220,11 @@ def _metadata(opened: OpenedModel, config: MethodConfig) -> dict[str, Any]:
     if isinstance(config, WeightQuantConfig):
         meta["scheme"] = config.scheme.to_dict()
     return meta
+
+
+def _config_drops(opened: OpenedModel) -> tuple[str, ...]:
+    """A dequantized source's ``quantization_config`` describes weights the output no longer holds."""
+    return ("quantization_config",) if opened.checkpoint.encoding is not None else ()
 
 
 def _config_updates(opened: OpenedModel, config: MethodConfig) -> dict[str, Any]:
