@@ -1,13 +1,14 @@
 """Families x methods x formats: every dense decoder family the tests cover, measured end to end.
 
-Run ``.venv/bin/python benchmarks/families.py``. For each family a tiny random model (hidden 64, 2 blocks; 6 for
-gemma3_text, whose mlx-lm class needs its first full-attention layer) is quantized with rtn, gptq and awq (W4 g32,
-4 x 32 random calibration tokens), each canonical checkpoint is scored in torch, and the gptq checkpoint is
-exported to every format and scored in that format's runtime (KL vs the float model on the first 512 tokens of
+Run ``.venv/bin/python benchmarks/families.py``. For each family a tiny random model (hidden 64, 2 blocks; more
+for families whose mlx-lm class needs a full-attention layer: ``FAMILY_LAYERS``) is quantized with rtn, gptq and
+awq (W4 g32, 4 x 32 random calibration tokens), each canonical checkpoint is scored in torch, and the gptq
+checkpoint is exported to every format and scored in that format's runtime (KL vs the float model on the first 512 tokens of
 ``data/heldout/all.txt``, context 64). A format or method that refuses the family records its one-line reason.
 Prints a Markdown table and writes ``benchmarks/results/families.{json,md}``: the README's families table.
 
-A runtime KL equal to torch's (ratio 1.00) is what a correct tensor mapping gives; the tests assert within 2x.
+A runtime KL equal to torch's (ratio 1.00) is what a correct tensor mapping gives; the tests assert within 1.25x
+(the issue asks 2x).
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from turboquant.io.tiny import save_tiny_model  # noqa: E402
 from turboquant.methods import make_config  # noqa: E402
 from turboquant.quality.validate import validate  # noqa: E402
 from turboquant.quantize.pipeline import quantize  # noqa: E402
-from test_families import FAMILIES, FORMATS  # noqa: E402
+from test_families import FAMILIES, FAMILY_LAYERS, FORMATS  # noqa: E402
 
 METHODS = ("rtn", "gptq", "awq")
 
 
 def measure(family: str, work: Path) -> dict:
-    layers = 6 if family == "gemma3_text" else 2
-    path = save_tiny_model(work / family, model_type=family, hidden=64, intermediate=128, layers=layers, vocab=4096,
-                           tokenizer_from=REF_MODEL, tie_embeddings=None)
+    layers = FAMILY_LAYERS.get(family, 2)
+    path = save_tiny_model(work / family / "tiny", model_type=family, hidden=64, intermediate=128, layers=layers,
+                           vocab=4096, tokenizer_from=REF_MODEL, tie_embeddings=None)
     opened = open_model(path)
     ids = torch.randint(3, 4000, (4, 32), generator=torch.Generator().manual_seed(0))
     calib = CalibrationSet(ids, CalibrationRecipe(("synthetic",), n_samples=4, seqlen=32))
@@ -82,7 +83,7 @@ def table(rows: list[dict]) -> str:
         cells = [r["family"], "yes" if r["table_entry"] else "discovered"]
         for m in METHODS:
             v = r["methods"][m]
-            cells.append("refused" if "refused" in v else f"{v['kl']:.5f}" + (" *" if v["fallbacks"] else ""))
+            cells.append("refused" if "refused" in v else f"{v['kl']:.3g}" + (" *" if v["fallbacks"] else ""))
         for f in FORMATS:
             v = r["formats"][f]
             cells.append("refused" if "refused" in v else f"{v['ratio']:.2f}")

@@ -7,6 +7,7 @@ same checkpoint; a wrong calibration capture as block outputs that differ from t
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from turboquant.errors import ConfigError, TurboQuantError
 from turboquant.formats.base import export, get_format, resolve_options
+from turboquant.formats.gguf import model as gguf_model
 from turboquant.io.arch import ARCHITECTURES, arch_for
 from turboquant.io.calibration import CalibrationRecipe, CalibrationSet
 from turboquant.io.checkpoint import QuantizedCheckpoint
@@ -31,21 +33,33 @@ from turboquant.release.modelcard import artifact_record, card_body
 from conftest import HELDOUT, REF_MODEL
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere",
-            "starcoder2", "glm4", "smollm3", "exaone4", "ernie4_5"]
-#: Post-norm blocks: q/k/v read the residual stream with no norm in front, so AWQ has nothing to fold into.
-AWQ_REFUSED = {"olmo2", "exaone4"}
+            "starcoder2", "glm4", "smollm3", "exaone4", "ernie4_5",
+            # beyond the issue's list: dense families transformers ships that llama.cpp 0.3.36 loads
+            "gemma", "olmo", "olmo3", "stablelm", "nemotron", "arcee", "seed_oss", "cohere2", "internlm3", "phi",
+            "jais2",
+            # transformers only: GGUF refused up front
+            "helium", "ministral"]
+#: Post-norm blocks: q/k/v read the residual stream with no norm in front, so AWQ has nothing to fold into;
+#: OLMo's LayerNorm has no weight.
+AWQ_REFUSED = {"olmo2", "olmo3", "exaone4", "olmo"}
 #: What each format's own check refuses, and why (the plan check runs the same check, before any work).
-FORMAT_REFUSED = {("gguf", f) for f in FAMILIES if f not in ARCHITECTURES} | {("mlx", "exaone4")}
+FORMAT_REFUSED = {("mlx", "exaone4"), ("mlx", "olmo"), ("mlx", "arcee"), ("mlx", "jais2"), ("mlx", "ministral"),
+                  ("gguf", "helium"), ("gguf", "ministral")}
 FORMATS = ("gptq", "compressed-tensors", "gguf", "onnx", "mlx")
+#: mlx-lm indexes the first full-attention layer, which comes sixth in Gemma 3 and fourth in OLMo 3 / Command R7B.
+FAMILY_LAYERS = {"gemma3_text": 6, "olmo3": 4, "cohere2": 4}
+#: A runtime's KL of an artifact against torch's KL of the checkpoint it came from. The issue asks for 2x; the
+#: measured ratios are 0.99-1.01 (benchmarks/results/families.md), and Gemma 3's local RoPE base left out of its
+#: GGUF gave 1.6x, which 2x would have passed.
+RUNTIME_KL_RATIO = 1.25
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _family_model(root, family: str):
-    # gemma3_text: mlx-lm's Gemma 3 indexes the first full-attention layer, which comes sixth
-    layers = 6 if family == "gemma3_text" else 2
-    return save_tiny_model(root / family, model_type=family, hidden=64, intermediate=128, layers=layers, vocab=4096,
-                           tokenizer_from=REF_MODEL, tie_embeddings=None)
+    return save_tiny_model(root / family / "tiny", model_type=family, hidden=64, intermediate=128,
+                           layers=FAMILY_LAYERS.get(family, 2),
+                           vocab=4096, tokenizer_from=REF_MODEL, tie_embeddings=None)
 
 
 def _calib(seqlen: int = 32) -> CalibrationSet:
@@ -140,14 +154,91 @@ def test_family_quantizes_and_loads_in_every_runtime(tmp_path, family):
                 spec.check(ckpt, resolve_options(spec, {}))
             continue
         artifact = export(qdir, fmt, tmp_path / f"a-{fmt}")
+        if fmt == "gguf":
+            _check_gguf_metadata(artifact, read_config(path))
         kl = validate(artifact, path, HELDOUT, ctx=64, max_tokens=256)["kl"]
-        assert torch_kl["gptq"] / 2 <= kl <= 2 * torch_kl["gptq"], (fmt, kl, torch_kl["gptq"])
+        assert torch_kl["gptq"] / RUNTIME_KL_RATIO <= kl <= RUNTIME_KL_RATIO * torch_kl["gptq"], (fmt, kl, torch_kl)
+
+
+def _check_gguf_metadata(artifact, config: dict) -> None:
+    """The family's llama.cpp architecture, and every config value its converter writes, are in the file."""
+    import gguf
+
+    reader = gguf.GGUFReader(next(artifact.glob("*.gguf")))
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    fam = gguf_model.FAMILIES[config["model_type"]]
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[fam.arch]]
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.block_count"] == config["num_hidden_layers"]
+    assert fields[f"{arch}.rope.dimension_count"] == gguf_model.rope_dims(config)
+    for key in fam.keys:
+        if config.get(key.field) is not None:
+            assert fields[key.template().format(arch=arch)] == pytest.approx(config[key.field]), key.field
+    pattern = gguf_model.sliding_layers(config)
+    if pattern is not None:
+        assert fields[f"{arch}.attention.sliding_window_pattern"] == pattern
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "exaone4"])
+def test_gguf_sliding_window_shorter_than_the_text(tmp_path, family):
+    """A 16-token window over 64-token windows of text: llama.cpp slides Gemma 3's local layers as transformers
+    does (same KL); for EXAONE 4 at this depth it attends fully, which the export records."""
+    path = _family_model(tmp_path, family)
+    config = read_config(path) | {"sliding_window": 16}
+    (path / "config.json").write_text(json.dumps(config))
+    qdir = quantize(path, make_config("gptq", bits=4, group_size=32), tmp_path / "q", progress=False, calib=_calib())
+    torch_kl = validate(qdir, path, HELDOUT, ctx=64, max_tokens=256)["kl"]
+    artifact = export(qdir, "gguf", tmp_path / "a")
+    kl = validate(artifact, path, HELDOUT, ctx=64, max_tokens=256)["kl"]
+    notes = read_manifest(artifact / "manifest.json")["format_details"].get("notes", [])
+    if family == "gemma3_text":
+        assert torch_kl / RUNTIME_KL_RATIO <= kl <= RUNTIME_KL_RATIO * torch_kl and notes == []
+    else:
+        assert notes == ["llama.cpp's exaone4 runs every layer with full attention where the model slides a "
+                         "16-token window (same output up to that many tokens)"]
+        assert kl > 2 * torch_kl  # the difference the note warns of
+
+
+def test_gguf_refuses_what_llama_cpp_would_compute_differently():
+    """llama.cpp fixes Gemma's query scale and SmolLM3's RoPE-free layers: a config saying otherwise is refused
+    (its GGUF would score differently); a sliding window llama.cpp does not apply is exported with a note."""
+    gemma = {"model_type": "gemma2", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+             "head_dim": 16, "query_pre_attn_scalar": 256}
+    with pytest.raises(gguf_model.GGUFModelError, match="query_pre_attn_scalar=256 differs from head_dim 16"):
+        gguf_model.check_config(gemma)
+    gguf_model.check_config(gemma | {"query_pre_attn_scalar": 16})
+    smol = {"model_type": "smollm3", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4}
+    gguf_model.check_config(smol | {"no_rope_layers": [1, 1, 1, 0]})
+    with pytest.raises(gguf_model.GGUFModelError, match="no RoPE on every 4th layer"):
+        gguf_model.check_config(smol | {"no_rope_layers": [1, 0, 1, 0]})
+    phi_name = r"named 'tiny-phi3' as Phi-3 and needs its token <\|endoftext\|>"
+    with pytest.raises(gguf_model.GGUFModelError, match=phi_name):
+        gguf_model.check_name_rules("tiny-phi3", REF_MODEL)
+    gguf_model.check_name_rules("tiny", REF_MODEL)
+    phi = {"model_type": "phi3", "num_hidden_layers": 2, "sliding_window": 2047, "max_position_embeddings": 4096}
+    assert gguf_model.conversion_notes(phi) == [
+        "llama.cpp's phi3 runs every layer with full attention where the model slides a 2047-token window "
+        "(same output up to that many tokens)"]
+    assert gguf_model.conversion_notes(phi | {"sliding_window": None}) == []
+    assert gguf_model.sliding_layers({"num_hidden_layers": 3, "sliding_window": 8, "max_position_embeddings": 64,
+                                      "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}
+                                     ) == [True, True, False]
+
+
+def test_mlx_refuses_what_mlx_lm_cannot_build():
+    """mlx-lm's sliding-window classes index the first full-attention layer; its olmo class exits without ai2-olmo."""
+    from turboquant.formats.mlx import check_family
+
+    sliding = {"model_type": "olmo3", "layer_types": ["sliding_attention"] * 3}
+    with pytest.raises(TurboQuantError, match="every layer of this olmo3 model slides a window"):
+        check_family(sliding)
+    check_family(sliding | {"layer_types": ["sliding_attention"] * 3 + ["full_attention"]})
+    with pytest.raises(TurboQuantError, match=r"'olmo' class cannot be imported here \(To run olmo install ai2-olmo"):
+        check_family({"model_type": "olmo"})
 
 
 def test_refuses_what_it_could_not_quantize_completely(tiny_model_copy):
     """GPT-2 keeps its projections in Conv1D modules: they would stay float, so the model is refused up front."""
-    import json
-
     cfg = json.loads((tiny_model_copy / "config.json").read_text())
     cfg.update(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=4096)
     (tiny_model_copy / "config.json").write_text(json.dumps(cfg))
@@ -209,7 +300,6 @@ def test_scale_beyond_float16_fails_naming_the_tensor(tiny_model_copy, tmp_path,
 
 def test_export_refuses_an_incomplete_or_corrupt_checkpoint(tiny_model, tmp_path):
     """Every linear of the model must be quantized and every scale positive and finite before any export."""
-    import json
     import shutil
 
     from safetensors.torch import load_file, save_file

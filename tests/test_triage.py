@@ -43,7 +43,7 @@ def _publish(hub, tmp_path, repo_id: str, family: str, **config_changes) -> None
 def test_triage_judges_every_artifact_from_the_config_alone(tmp_path, hub_server):
     hub = hub_server.state
     _publish(hub, tmp_path, "org/tiny-llama", "llama")
-    _publish(hub, tmp_path, "org/tiny-gemma2", "gemma2")
+    _publish(hub, tmp_path, "org/tiny-gemma2", "gemma2", query_pre_attn_scalar=256)  # llama.cpp's scale differs
     _publish(hub, tmp_path, "org/tiny-gptq", "llama", quantization_config={"quant_method": "gptq", "bits": 4})
     _publish(hub, tmp_path, "org/tiny-fp8", "llama", quantization_config={"quant_method": "fp8"})
     plan = _plan(tmp_path, "org/tiny-gemma2")
@@ -53,8 +53,9 @@ def test_triage_judges_every_artifact_from_the_config_alone(tmp_path, hub_server
 
     gemma = triage(plan, "org/tiny-gemma2")
     assert not gemma.processable and gemma.unsupported is None
-    assert gemma.reasons() == ["rtn4 -> gguf: unsupported: model_type 'gemma2' has no GGUF mapping here. Fix: export "
-                               "a llama, mistral, qwen2, qwen3 model, or use another format."]
+    assert gemma.reasons() == ["rtn4 -> gguf: unsupported: gemma2: query_pre_attn_scalar=256 differs from head_dim 16, "
+                               "and llama.cpp scales queries by 1/sqrt(head_dim). Fix: use another format for this "
+                               "model (its GGUF would score differently in llama.cpp)."]
 
     pre = triage(plan, "org/tiny-gptq")
     assert pre.reasons() == ["unsupported: the checkpoint is already quantized (gptq). Fix: quantize the original "
@@ -65,6 +66,6 @@ def test_triage_judges_every_artifact_from_the_config_alone(tmp_path, hub_server
 
     res = CliRunner().invoke(app, ["plan", str(tmp_path / "params.yaml")])
     assert res.exit_code == 2, res.output
-    assert "IMPOSSIBLE: model_type 'gemma2' has no GGUF mapping here" in res.output
+    assert "IMPOSSIBLE: gemma2: query_pre_attn_scalar=256 differs from head_dim 16" in res.output
     assert "1 planned artifact(s) cannot be made; first org/tiny-gemma2 rtn4 -> gguf" in res.output
 

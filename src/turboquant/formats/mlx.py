@@ -28,12 +28,17 @@ scheme fits only where ``in_features`` is one of those; act-order (g_idx) is not
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import io
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from turboquant.errors import first_line
 from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
     FormatError, has_act_order, register_format, write_packed_shards, schemes, source_config, write_json,
@@ -54,14 +59,25 @@ def mlx_group_size(scheme: QuantScheme, in_features: int) -> int:
 
 def check_family(config: dict[str, Any]) -> None:
     """Refuse a model mlx-lm cannot build: no model class for its family, or a config form its class misreads."""
-    import importlib.util
-
     from mlx_lm.utils import MODEL_REMAPPING
 
     model_type = str(config.get("model_type"))
-    if importlib.util.find_spec(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}") is None:
+    module = f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}"
+    if importlib.util.find_spec(module) is None:
         raise FormatError(f"mlx-lm {_mlx_lm_version()} has no model class for '{model_type}'",
                           "export this family to gptq, compressed-tensors or onnx")
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            importlib.import_module(module)
+    except (ImportError, SystemExit) as e:  # mlx-lm's olmo prints what it needs and exits
+        why = said.getvalue().strip() or first_line(e) or type(e).__name__
+        raise FormatError(f"mlx-lm's '{model_type}' class cannot be imported here ({why})",
+                          "export this family to gptq, compressed-tensors or onnx") from None
+    types = config.get("layer_types") or []
+    if "sliding_attention" in types and "full_attention" not in types:
+        raise FormatError(f"every layer of this {model_type} model slides a window, and mlx-lm's class indexes its "
+                          "first full-attention layer", "export this model to gptq, compressed-tensors or onnx")
     if model_type == "exaone4" and isinstance(config.get("sliding_window_pattern"), int):
         raise FormatError("mlx-lm reads exaone4's sliding_window_pattern only as a layer string ('LLLG'); this "
                           "config has the integer form", "write it as a string in config.json, or export to gptq / "

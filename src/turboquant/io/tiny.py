@@ -25,10 +25,13 @@ def tiny_config(
     tie_embeddings: bool | None = False,
 ):
     """A transformers config object for a small decoder of the given family (``tie_embeddings=None``: the
-    family's own default)."""
+    family's own default). Gemma's queries are scaled by ``1/sqrt(head_dim)``, as in the released 2B-12B models
+    (the config's default ``query_pre_attn_scalar`` is the 256 of their head size)."""
     from transformers import AutoConfig
 
-    tie = {} if tie_embeddings is None else {"tie_word_embeddings": tie_embeddings}
+    extra = {} if tie_embeddings is None else {"tie_word_embeddings": tie_embeddings}
+    if model_type.startswith("gemma"):
+        extra["query_pre_attn_scalar"] = hidden // heads
     return AutoConfig.for_model(
         model_type,
         hidden_size=hidden,
@@ -39,7 +42,7 @@ def tiny_config(
         head_dim=hidden // heads,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
-        **tie,
+        **extra,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=None,

@@ -383,11 +383,12 @@ def foldable_groups(block: nn.Module, groups: tuple[LinearGroup, ...], hidden: t
             out.append(LinearGroup(found[0], g.linears, fold_offset=found[1]))
             continue
         if not _reads_linear_output(block, g, hidden, kwargs):
-            raise ConfigError(
-                f"AWQ cannot fold scales into the input of {', '.join(g.linears)} in '{family}': no norm or linear "
-                "produces that input alone (e.g. a post-norm block reads the residual stream directly)",
-                "quantize this family with gptq, rtn or hqq",
-            )
+            weightless = g.feeder is not None and getattr(block.get_submodule(g.feeder), "weight", None) is None
+            why = (f"its input comes from {g.feeder}, which has no weight to fold into (a non-parametric norm)"
+                   if weightless else "no norm or linear produces that input alone (e.g. a post-norm block reads "
+                   "the residual stream directly)")
+            raise ConfigError(f"AWQ cannot fold scales into the input of {', '.join(g.linears)} in '{family}': {why}",
+                              "quantize this family with gptq, rtn or hqq")
         out.append(LinearGroup(None, g.linears))
     return tuple(out)
 

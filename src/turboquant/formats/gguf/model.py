@@ -3,11 +3,12 @@
 Everything here is read from the checkpoint's ``config.json`` and tokenizer files and mapped with gguf-py's own
 tables (``MODEL_ARCH``, ``TensorNameMap``, ``SpecialVocab``), the way llama.cpp's ``convert_hf_to_gguf.py`` does:
 
-* llama / mistral map to llama.cpp's ``llama`` architecture, whose RoPE rotates *interleaved* pairs, while
-  Hugging Face rotates the two halves of each head: q/k rows are permuted (``permute_qk``) on the way in and
-  back on the way out. The permutation moves whole rows, so quantized rows (codes, scales, zeros) move intact.
-* qwen2 (q/k/v biases) and qwen3 (q/k RMS norms) map to ``qwen2`` / ``qwen3``, which use NeoX RoPE (halves, as
-  Hugging Face): no permutation.
+* A family (``FAMILIES``) names its llama.cpp architecture and the few facts the tables lack, taken from
+  llama.cpp's converter: whether q/k rows are permuted (llama.cpp's ``llama``, ``granite`` and ``smollm3`` RoPE
+  rotates *interleaved* pairs while Hugging Face rotates the halves of each head; the permutation moves whole
+  rows, so quantized rows move intact), Gemma's ``1 + w`` norms, soft-caps, multipliers and logit scales.
+  Common hyperparameters (sizes, RoPE base and rotated dimensions, norm epsilons, sliding windows per layer)
+  come from the config as the converter derives them.
 * Byte-level BPE tokenizers (``tokenizer.json``) become ``tokenizer.ggml.model = gpt2`` with the pre-tokenizer
   llama.cpp must apply to split text the way Hugging Face does. The pre-tokenizer is recognised from the
   ``tokenizer.json`` structure (``PRE_TOKENIZERS``); an unknown one is refused rather than guessed.
@@ -31,18 +32,89 @@ class GGUFModelError(ConfigError):
 
 
 @dataclass(frozen=True)
-class ArchEntry:
-    """How a Hugging Face ``model_type`` maps to llama.cpp: gguf-py's architecture and whether q/k are permuted."""
+class MetaKey:
+    """A config field written as a GGUF key (``gguf.Keys`` group and name: ``LLM.LOGIT_SCALE``) of type ``kind``."""
 
-    gguf_arch: str  # gguf.MODEL_ARCH member name
-    permute_qk: bool
+    field: str
+    key: str
+    kind: type = float
+
+    def template(self) -> str:
+        import gguf
+
+        group, name = self.key.split(".")
+        return getattr(getattr(gguf.Keys, group), name)
 
 
-ARCHS: dict[str, ArchEntry] = {
-    "llama": ArchEntry("LLAMA", permute_qk=True),
-    "mistral": ArchEntry("LLAMA", permute_qk=True),
-    "qwen2": ArchEntry("QWEN2", permute_qk=False),
-    "qwen3": ArchEntry("QWEN3", permute_qk=False),
+@dataclass(frozen=True)
+class Family:
+    """What llama.cpp's converter (``convert_hf_to_gguf.py``, the llama.cpp that llama-cpp-python 0.3.36 vendors)
+    knows about one Hugging Face ``model_type`` beyond gguf-py's tables, kept as data.
+
+    Tensor names come from gguf-py's ``TensorNameMap`` for ``arch`` and the common hyperparameters from the config
+    (``add_architecture``); a family only says what the tables cannot:
+
+    * ``permute_qk``: llama.cpp runs this architecture with interleaved ("normal") RoPE while Hugging Face rotates
+      halves, so q/k rows (and biases) are permuted (``qk_row_order``).
+    * ``norm_shift``: added to every ``*norm.weight`` (Gemma's ``1 + w``, Nemotron's LayerNorm1P; llama.cpp
+      multiplies by ``w``).
+    * ``keys``: config fields written as family keys (soft-caps, multipliers, logit scales, parallel residual).
+    * ``defaults``: values the modelling class fixes instead of reading a config field (OLMo's LayerNorm epsilon).
+    * ``swa``: llama.cpp applies a sliding window to this architecture (``sliding_window`` and the per-layer
+      ``sliding_window_pattern``), or only to the layer count ``swa_layers`` (EXAONE 4's 32B); where it does
+      not, a model that slides a window shorter than its context is exported with a recorded conversion note.
+    * ``attention_scale``: llama.cpp fixes the query scale at ``1/sqrt(head_dim)`` (Gemma): a model whose
+      ``query_pre_attn_scalar`` says otherwise is refused.
+    * ``no_rope_step``: llama.cpp skips RoPE on every n-th layer (SmolLM3): the config's ``no_rope_layers`` must say
+      the same.
+    """
+
+    arch: str  # gguf.MODEL_ARCH member name
+    permute_qk: bool = False
+    norm_shift: float = 0.0
+    keys: tuple[MetaKey, ...] = ()
+    defaults: tuple[tuple[str, Any], ...] = ()
+    swa: bool = False
+    swa_layers: int = 0
+    attention_scale: bool = False
+    no_rope_step: int = 0
+
+
+_GRANITE_KEYS = (MetaKey("attention_multiplier", "Attention.SCALE"),
+                 MetaKey("embedding_multiplier", "LLM.EMBEDDING_SCALE"),
+                 MetaKey("residual_multiplier", "LLM.RESIDUAL_SCALE"), MetaKey("logits_scaling", "LLM.LOGIT_SCALE"))
+_SOFTCAPS = (MetaKey("attn_logit_softcapping", "LLM.ATTN_LOGIT_SOFTCAPPING"),
+             MetaKey("final_logit_softcapping", "LLM.FINAL_LOGIT_SOFTCAPPING"))
+_LOGIT_SCALE = (MetaKey("logit_scale", "LLM.LOGIT_SCALE"),)
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LLAMA", permute_qk=True),
+    "mistral": Family("LLAMA", permute_qk=True),
+    "internlm3": Family("LLAMA", permute_qk=True),
+    "arcee": Family("ARCEE", permute_qk=True),
+    "granite": Family("GRANITE", permute_qk=True, keys=_GRANITE_KEYS),
+    "smollm3": Family("SMOLLM3", permute_qk=True, no_rope_step=4),
+    "olmo": Family("OLMO", permute_qk=True, keys=(MetaKey("clip_qkv", "Attention.CLAMP_KQV"),),
+                   defaults=(("layer_norm_eps", 1e-5),)),
+    "qwen2": Family("QWEN2"),
+    "qwen3": Family("QWEN3"),
+    "gemma": Family("GEMMA", norm_shift=1.0, attention_scale=True),
+    "gemma2": Family("GEMMA2", norm_shift=1.0, swa=True, attention_scale=True, keys=_SOFTCAPS),
+    "gemma3_text": Family("GEMMA3", norm_shift=1.0, swa=True, attention_scale=True, keys=_SOFTCAPS[1:]),
+    "phi": Family("PHI2"),
+    "phi3": Family("PHI3"),
+    "olmo2": Family("OLMO2", swa=True),
+    "olmo3": Family("OLMO2", swa=True),
+    "cohere": Family("COMMAND_R", keys=_LOGIT_SCALE),
+    "cohere2": Family("COHERE2", swa=True, keys=_LOGIT_SCALE),
+    "stablelm": Family("STABLELM", keys=(MetaKey("use_parallel_residual", "LLM.USE_PARALLEL_RESIDUAL", bool),)),
+    "nemotron": Family("NEMOTRON", norm_shift=1.0),
+    "starcoder2": Family("STARCODER2"),
+    "glm4": Family("GLM4"),
+    "exaone4": Family("EXAONE4", swa_layers=64),
+    "ernie4_5": Family("ERNIE4_5"),
+    "seed_oss": Family("SEED_OSS"),
+    "jais2": Family("JAIS2"),
 }
 
 #: RoPE variants (``rope_parameters.rope_type``) written as llama.cpp reads them.
@@ -61,18 +133,19 @@ PRE_TOKENIZERS: dict[str, str] = {
 }
 
 
-def arch_entry(config: dict[str, Any]) -> ArchEntry:
+def family(config: dict[str, Any]) -> Family:
     model_type = config.get("model_type")
-    if model_type not in ARCHS:
-        raise GGUFModelError(f"model_type '{model_type}' has no GGUF mapping here",
-                             f"export a {', '.join(sorted(ARCHS))} model, or use another format")
-    return ARCHS[model_type]
+    if model_type not in FAMILIES:
+        raise GGUFModelError(f"model_type '{model_type}' has no GGUF mapping here (llama.cpp's converter knows it "
+                             "or not, but its tensor layout and metadata are not verified in llama.cpp here)",
+                             f"export a {', '.join(sorted(FAMILIES))} model to GGUF, or use another format")
+    return FAMILIES[model_type]
 
 
 def gguf_arch(config: dict[str, Any]):
     import gguf
 
-    return gguf.MODEL_ARCH[arch_entry(config).gguf_arch]
+    return gguf.MODEL_ARCH[family(config).arch]
 
 
 def arch_name(config: dict[str, Any]) -> str:
@@ -86,20 +159,74 @@ def head_dim(config: dict[str, Any]) -> int:
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 keeps RoPE settings in ``rope_parameters``; older configs in ``rope_theta`` / ``rope_scaling``."""
+    """The RoPE settings of full-attention layers: transformers 5 keeps them in ``rope_parameters`` (per layer type
+    for families whose sliding layers use another base), older configs in ``rope_theta`` / ``rope_scaling``."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params = dict(params.get("full_attention", params))
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     return params
 
 
+def sliding_rope_theta(config: dict[str, Any]) -> float | None:
+    """RoPE base of the sliding-window layers when it differs by layer type (Gemma 3's local base)."""
+    params = config.get("rope_parameters") or {}
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if isinstance(local, dict) and local.get("rope_theta") is not None:
+        return float(local["rope_theta"])
+    return float(config["rope_local_base_freq"]) if config.get("rope_local_base_freq") else None
+
+
+def sliding_layers(config: dict[str, Any]) -> list[bool] | None:
+    """Which layers are sliding-window layers, None when none is. Written whatever the window's size: the layer
+    type also picks the RoPE base (Gemma 3's local layers)."""
+    if not config.get("sliding_window") or config.get("use_sliding_window") is False:
+        return None
+    types = config.get("layer_types")
+    pattern = [t == "sliding_attention" for t in types] if types else [True] * int(config["num_hidden_layers"])
+    return pattern if any(pattern) else None
+
+
+def window_is_short(config: dict[str, Any]) -> bool:
+    """A sliding window shorter than the context: attention differs from full attention beyond it."""
+    return sliding_layers(config) is not None and \
+        int(config["sliding_window"]) < int(config.get("max_position_embeddings") or 0)
+
+
+def rope_dims(config: dict[str, Any]) -> int:
+    """Rotated dimensions per head (``partial_rotary_factor`` of the head: Phi-3, GLM-4, StableLM)."""
+    factor = float(rope_parameters(config).get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
+    return int(head_dim(config) * factor)
+
+
 def check_config(config: dict[str, Any]) -> None:
-    """Refuse what the writer cannot describe exactly (before any work)."""
-    arch_entry(config)
+    """Refuse what the writer cannot describe exactly, or what llama.cpp would compute differently (before any
+    work)."""
+    fam = family(config)
     rope = rope_parameters(config)
     if rope["rope_type"] not in ROPE_TYPES:
         raise GGUFModelError(f"RoPE type '{rope['rope_type']}' is not mapped to GGUF here",
                              f"export a model with RoPE type {', '.join(ROPE_TYPES)}, or use another format")
+    scalar = config.get("query_pre_attn_scalar")
+    if fam.attention_scale and scalar is not None and int(scalar) != head_dim(config):
+        raise GGUFModelError(f"{config['model_type']}: query_pre_attn_scalar={scalar} differs from head_dim "
+                             f"{head_dim(config)}, and llama.cpp scales queries by 1/sqrt(head_dim)",
+                             "use another format for this model (its GGUF would score differently in llama.cpp)")
+    if fam.no_rope_step:
+        expected = [int((i + 1) % fam.no_rope_step != 0) for i in range(int(config["num_hidden_layers"]))]
+        if [int(v) for v in config.get("no_rope_layers") or expected] != expected:
+            raise GGUFModelError(f"{config['model_type']}: no_rope_layers differs from llama.cpp's fixed pattern "
+                                 f"(no RoPE on every {fam.no_rope_step}th layer)",
+                                 "use another format for this model (its GGUF would score differently in llama.cpp)")
+
+
+def conversion_notes(config: dict[str, Any]) -> list[str]:
+    """What llama.cpp computes differently from the model, recorded in the file and the manifest."""
+    fam = family(config)
+    if window_is_short(config) and not (fam.swa or fam.swa_layers == int(config["num_hidden_layers"])):
+        return [f"llama.cpp's {arch_name(config)} runs every layer with full attention where the model slides a "
+                f"{config['sliding_window']}-token window (same output up to that many tokens)"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,7 +241,7 @@ class NameMap:
         import gguf
 
         self.config = config
-        self.entry = arch_entry(config)
+        self.family = family(config)
         self.map = gguf.get_tensor_name_map(gguf_arch(config), int(config["num_hidden_layers"]))
 
     def gguf_name(self, hf_name: str) -> str | None:
@@ -127,9 +254,13 @@ class NameMap:
                                  "export a checkpoint of a supported architecture without extra tensors")
         return name
 
+    def value_shift(self, hf_name: str) -> float:
+        """What llama.cpp's form of a float tensor adds to the Hugging Face one (Gemma's ``1 + w`` norms)."""
+        return self.family.norm_shift if hf_name.endswith("norm.weight") else 0.0
+
     def permutation(self, hf_name: str) -> tuple[int, int] | None:
         """``(n_heads, head_dim)`` when ``hf_name``'s rows must be permuted for llama.cpp's RoPE, else None."""
-        if not self.entry.permute_qk:
+        if not self.family.permute_qk:
             return None
         if ".self_attn.q_proj." in hf_name:
             return int(self.config["num_attention_heads"]), head_dim(self.config)
@@ -153,8 +284,21 @@ def qk_row_order(n_heads: int, dim: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def first_set(config: dict[str, Any], fam: Family, *fields: str) -> Any:
+    """The first of ``fields`` the config sets (else the family's fixed value), as the converter's
+    ``find_hparam`` looks them up."""
+    fixed = dict(fam.defaults)
+    return next((config[f] for f in fields if config.get(f) is not None),
+                next((fixed[f] for f in fields if f in fixed), None))
+
+
 def add_architecture(writer, config: dict[str, Any]) -> None:
-    """The hyperparameters llama.cpp reads for the llama / qwen2 / qwen3 graphs."""
+    """The hyperparameters llama.cpp reads, as llama.cpp's converter derives them from a config (its
+    ``TextModel.set_gguf_parameters`` plus the family's ``keys``)."""
+    import gguf
+
+    fam = family(config)
+    arch = arch_name(config)
     hd = head_dim(config)
     writer.add_context_length(int(config["max_position_embeddings"]))
     writer.add_embedding_length(int(config["hidden_size"]))
@@ -164,16 +308,28 @@ def add_architecture(writer, config: dict[str, Any]) -> None:
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
     writer.add_key_length(hd)
     writer.add_value_length(hd)
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    if (rms := first_set(config, fam, "rms_norm_eps", "norm_eps")) is not None:
+        writer.add_layer_norm_rms_eps(float(rms))
+    if (eps := first_set(config, fam, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps")) is not None:
+        writer.add_layer_norm_eps(float(eps))
     writer.add_vocab_size(int(config["vocab_size"]))
     rope = rope_parameters(config)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_rope_dimension_count(hd)
+    writer.add_rope_dimension_count(rope_dims(config))
     if rope["rope_type"] == "linear":
-        import gguf
-
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if (local := sliding_rope_theta(config)) is not None:
+        writer.add_rope_freq_base_swa(local)
+    if (pattern := sliding_layers(config)) is not None:
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern(pattern)
+    if rope.get("original_max_position_embeddings"):
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    for key in fam.keys:
+        if config.get(key.field) is not None:
+            value = key.kind(config[key.field])
+            (writer.add_bool if key.kind is bool else writer.add_float32)(key.template().format(arch=arch), value)
 
 
 def rope_freq_factors(config: dict[str, Any]) -> np.ndarray | None:
@@ -258,6 +414,26 @@ def check_tokenizer(model_dir: Path) -> None:
     if (tok.get("decoder") or {}).get("type") != "ByteLevel":
         raise GGUFModelError("the tokenizer's decoder is not ByteLevel", "export a byte-level BPE tokenizer")
     pre_tokenizer_name(tok)
+
+
+#: llama.cpp sets token attributes by ``general.name`` (``llama_vocab::load``) and aborts loading when a name
+#: matches and one of the tokens is missing.
+NAME_TOKEN_RULES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>"),
+}
+
+
+def check_name_rules(name: str, model_dir: Path) -> None:
+    """Refuse a model name that makes llama.cpp look up tokens this tokenizer does not have."""
+    tok = read_tokenizer_json(model_dir)
+    present = set(tok["model"]["vocab"]) | {a["content"] for a in tok.get("added_tokens", [])}
+    for patterns, tokens in NAME_TOKEN_RULES.items():
+        missing = [t for t in tokens if t not in present]
+        if any(p in name.lower() for p in patterns) and missing:
+            raise GGUFModelError(f"llama.cpp treats a model named '{name}' as Phi-3 and needs its token "
+                                 f"{missing[0]}, which this tokenizer lacks (the file would not load)",
+                                 "export from a directory (or repo) whose name does not contain "
+                                 + " / ".join(patterns))
 
 
 def build_vocab(model_dir: Path, n_vocab: int) -> Vocab:

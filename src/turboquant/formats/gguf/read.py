@@ -31,7 +31,7 @@ def read_state_dict(path: str | Path, config: dict[str, Any], hf_names: list[str
         hf = back[t.name]
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        w = w.reshape(shape)
+        w = w.reshape(shape) - names.value_shift(hf)
         perm = names.permutation(hf)
         if perm is not None:
             order = torch.from_numpy(gguf_model.qk_row_order(*perm))

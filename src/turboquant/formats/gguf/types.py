@@ -166,6 +166,7 @@ class TensorPlan:
     file: str  # the canonical shard holding it: tensors are written shard by shard
     module: str | None = None  # set for quantized modules (their ``.weight``)
     row_order: np.ndarray | None = None  # q/k rows permuted for llama.cpp's RoPE
+    shift: float = 0.0  # added to a float tensor (Gemma's 1 + w norms)
 
     def info(self) -> tuple[tuple[int, ...], np.dtype, int]:
         """The numpy shape, dtype and byte size gguf-py's writer expects (uint8 bytes for block types)."""
@@ -205,7 +206,8 @@ def plan_tensors(ckpt: QuantizedCheckpoint, target: Target, intermediate: bool =
             continue
         perm = names.permutation(hf_name)
         plans.append(TensorPlan(hf_name, gname, _tensor_type(target, gname, module, shape, dtype, intermediate),
-                                shape, file, module, gguf_model.qk_row_order(*perm) if perm else None))
+                                shape, file, module, gguf_model.qk_row_order(*perm) if perm else None,
+                                names.value_shift(hf_name)))
     return plans
 
 

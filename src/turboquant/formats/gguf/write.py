@@ -67,6 +67,7 @@ def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
         config = ckpt.config
         gguf_model.check_config(config)
         gguf_model.check_tokenizer(ckpt.path)
+        gguf_model.check_name_rules(model_name(ckpt), ckpt.path)
         names = gguf_model.NameMap(config)
         for name in ckpt.plain_names():
             names.gguf_name(name)
@@ -104,6 +105,8 @@ def _tensor_bytes(plan: TensorPlan, qt: QuantizedTensor | None, tensor: torch.Te
     if qt is not None and plan.qtype in NATIVE:
         return pack_native(qt, plan.qtype, plan.row_order)
     w = qt.dequantize(torch.float32) if qt is not None else tensor
+    if plan.shift:
+        w = w.float() + plan.shift
     if plan.row_order is not None:
         w = w[torch.from_numpy(plan.row_order)]
     if plan.qtype == "BF16":
@@ -194,16 +197,18 @@ def _add_value(writer, key: str, value: Any) -> None:
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> dict[str, Any]:
     target = resolve_target(ckpt, options)
     path = out / f"{model_name(ckpt)}-{target.name}.gguf"
+    notes = gguf_model.conversion_notes(ckpt.config)
+    recorded = {"turboquant.notes": notes} if notes else {}
     if target.route != "llama.cpp":
-        write_gguf(ckpt, path, plan_tensors(ckpt, target), target.name, CONVERSIONS[target.route])
-        return {"file": path.name, "gguf_type": target.name, "conversion": CONVERSIONS[target.route]}
+        write_gguf(ckpt, path, plan_tensors(ckpt, target), target.name, CONVERSIONS[target.route], recorded)
+        return {"file": path.name, "gguf_type": target.name, "conversion": CONVERSIONS[target.route], **_notes(notes)}
     names = gguf_model.NameMap(ckpt.config)
     imatrix = imatrix_for(ckpt, options, names)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(recorded)
     if imatrix is not None:
         write_imatrix(out / IMATRIX_FILE, imatrix)
-        extra = {"quantize.imatrix.file": IMATRIX_FILE, "quantize.imatrix.dataset": ", ".join(imatrix.datasets),
-                 "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": imatrix.chunk_count}
+        extra |= {"quantize.imatrix.file": IMATRIX_FILE, "quantize.imatrix.dataset": ", ".join(imatrix.datasets),
+                  "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": imatrix.chunk_count}
     conversion = CONVERSIONS["llama.cpp"] + ("" if imatrix is not None else " (none given)")
     tmp = out / f".{path.stem}.float.gguf"
     try:
@@ -211,6 +216,8 @@ def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> dict
         llama_quantize(tmp, path, target.name, imatrix, threads=os.cpu_count() or 0)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"file": path.name, "gguf_type": target.name, "conversion": conversion}
+    return {"file": path.name, "gguf_type": target.name, "conversion": conversion, **_notes(notes)}
 
 
+def _notes(notes: list[str]) -> dict[str, Any]:
+    return {"notes": notes} if notes else {}
