@@ -32,13 +32,15 @@ from turboquant.release.modelcard import artifact_record, card_body
 
 from conftest import HELDOUT, REF_MODEL
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere",
-            "starcoder2", "glm4", "smollm3", "exaone4", "ernie4_5",
-            # beyond the issue's list: dense families transformers ships that llama.cpp 0.3.36 loads
-            "gemma", "olmo", "olmo3", "stablelm", "nemotron", "arcee", "seed_oss", "cohere2", "internlm3", "phi",
-            "jais2",
-            # transformers only: GGUF refused up front
-            "helium", "ministral"]
+#: The families the issue names: every method, every format.
+ISSUE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere",
+                  "starcoder2", "glm4", "smollm3", "exaone4", "ernie4_5"]
+#: Beyond the issue's list: dense families transformers ships that llama.cpp 0.3.36 loads, and two it does not
+#: (GGUF refused up front). The suite runs them through gptq and awq to the family-specific runtimes (GGUF, MLX);
+#: the family-agnostic layouts are measured for them by benchmarks/families.py.
+EXTRA_FAMILIES = ["gemma", "olmo", "olmo3", "stablelm", "nemotron", "arcee", "seed_oss", "cohere2", "internlm3", "phi",
+                  "jais2", "helium", "ministral"]
+FAMILIES = ISSUE_FAMILIES + EXTRA_FAMILIES
 #: Post-norm blocks: q/k/v read the residual stream with no norm in front, so AWQ has nothing to fold into;
 #: OLMo's LayerNorm has no weight.
 AWQ_REFUSED = {"olmo2", "olmo3", "exaone4", "olmo"}
@@ -127,13 +129,14 @@ def test_gemma_norm_folds_with_its_offset(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_quantizes_and_loads_in_every_runtime(tmp_path, family):
     """rtn, gptq and awq (where the block folds) -> canonical checkpoint, scored in torch; the gptq checkpoint
-    -> every format whose runtime loads the family, its runtime's KL within 2x of torch's; the others refused."""
+    -> every format whose runtime loads the family, its runtime's KL within 1.25x of torch's; the others refused."""
     path = _family_model(tmp_path, family)
     opened = open_model(path)
     n_linears = opened.n_layers * len(opened.arch.linears)
     calib = _calib()
     torch_kl = {}
-    for method in ("rtn", "gptq", "awq"):
+    extra = family in EXTRA_FAMILIES
+    for method in ("gptq", "awq") if extra else ("rtn", "gptq", "awq"):
         config = make_config(method, bits=4, group_size=32)
         if method == "awq" and family in AWQ_REFUSED:
             with pytest.raises(ConfigError, match="AWQ cannot fold scales into the input of self_attn.q_proj"):
@@ -147,7 +150,7 @@ def test_family_quantizes_and_loads_in_every_runtime(tmp_path, family):
         torch_kl[method] = kl
     qdir = tmp_path / "q-gptq"
     ckpt = QuantizedCheckpoint.open(qdir)
-    for fmt in FORMATS:
+    for fmt in ("gguf", "mlx") if extra else FORMATS:
         spec = get_format(fmt)
         if (fmt, family) in FORMAT_REFUSED:
             with pytest.raises(TurboQuantError, match=family):
