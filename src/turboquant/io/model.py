@@ -20,8 +20,7 @@ from turboquant.errors import first_line, ModelLoadError
 from turboquant.io.arch import ArchSpec, arch_for
 from turboquant.io.files import AUX_FILE_PATTERNS, matching_files
 from turboquant.io.hub import fetch_snapshot
-from turboquant.io.source_encoding import DEQUANTIZED_HEADER, EncodedTensor, source_encoding, SourceEncoding, \
-    StoredTensor
+from turboquant.io.source_encoding import DEQUANTIZED_HEADER, EncodedTensor, source_encoding, SourceEncoding
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model sources
@@ -188,7 +187,7 @@ class LazyCheckpoint:
 
     def _apply_encoding(self, encoding: SourceEncoding) -> None:
         """Replace the stored tensors by the logical ones, in file order (an encoded tensor where its codes are)."""
-        layout = encoding.layout({n: StoredTensor(i.shape, i.dtype) for n, i in self.tensors.items()})
+        layout = encoding.layout(self.tensors)
         by_codes = {entry.codes: entry for entry in layout.encoded.values()}
         self.stored, self.encoded, self.tensors = self.tensors, layout.encoded, {}
         for name, info in self.stored.items():

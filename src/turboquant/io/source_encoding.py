@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import torch
 
@@ -55,9 +55,8 @@ _BLOCKS, _SCALES = "_blocks", "_scales"
 _FIX_REFETCH = "re-fetch the complete release, or quantize its bfloat16 checkpoint instead"
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor as a weight file's header describes it."""
+class StoredTensor(Protocol):
+    """A tensor as a weight file's header describes it (``io.model.TensorInfo``)."""
 
     shape: tuple[int, ...]
     dtype: str
