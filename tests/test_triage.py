@@ -46,6 +46,7 @@ def test_triage_judges_every_artifact_from_the_config_alone(tmp_path, hub_server
     _publish(hub, tmp_path, "org/tiny-gemma2", "gemma2", query_pre_attn_scalar=256)  # llama.cpp's scale differs
     _publish(hub, tmp_path, "org/tiny-gptq", "llama", quantization_config={"quant_method": "gptq", "bits": 4})
     _publish(hub, tmp_path, "org/tiny-fp8", "llama", quantization_config={"quant_method": "fp8"})
+    _publish(hub, tmp_path, "org/tiny-olmo2", "olmo2")  # norms after q/k: nothing AWQ can fold into
     plan = _plan(tmp_path, "org/tiny-gemma2")
 
     ok = triage(plan, "org/tiny-llama")
@@ -62,6 +63,12 @@ def test_triage_judges_every_artifact_from_the_config_alone(tmp_path, hub_server
                              "float16 / bfloat16 checkpoint it was made from."]
     fp8 = triage(plan, "org/tiny-fp8")  # FP8 releases are dequantized on read: judged like any other
     assert fp8.processable and fp8.unsupported is None, fp8.reasons()
+    olmo2 = triage(plan, "org/tiny-olmo2")
+    assert not olmo2.processable and olmo2.unsupported is None
+    [reason] = olmo2.reasons()
+    assert reason.startswith("awq4 -> gptq: unsupported: AWQ cannot fold scales into the input of self_attn.q_proj, "
+                             "self_attn.k_proj, self_attn.v_proj in 'olmo2'"), reason
+    assert [k for k, e in olmo2.artifacts.items() if e is None] == [("rtn4", "gptq"), ("rtn4", "gguf"), ("rtn4", "mlx")]
     assert hub_server.state.count("GET", r"\.safetensors") == 0  # not one weight byte was fetched
 
     res = CliRunner().invoke(app, ["plan", str(tmp_path / "params.yaml")])

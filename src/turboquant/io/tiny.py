@@ -50,6 +50,38 @@ def tiny_config(
     )
 
 
+#: Heads a replica keeps (its key/value heads: as many, one, or half of them, as the release's ratio says).
+REPLICA_HEADS = 2
+
+
+def replica_config(config: dict):
+    """The release's own config (family, flags, RoPE, layer pattern, depth) at small widths: two heads of the
+    release's head size, hidden = their width, a small MLP and vocabulary. What depends only on the modelling
+    class and its flags (which module feeds which linear) holds on it as on the release; built in well under a
+    second. Raises what transformers raises for a config it cannot shrink (e.g. per-dimension RoPE factors)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "auto_map")})
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // max(heads, 1))
+    ids = [getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
+    flat = [i for v in ids for i in (v if isinstance(v, list) else [v]) if isinstance(i, int)]
+    small = {
+        "hidden_size": REPLICA_HEADS * head_dim,
+        "intermediate_size": 2 * REPLICA_HEADS * head_dim,
+        "num_attention_heads": REPLICA_HEADS,
+        "num_key_value_heads": REPLICA_HEADS if kv == heads else 1,
+        "vocab_size": max([256] + [i + 1 for i in flat]),
+    }
+    if getattr(cfg, "head_dim", None) is not None:
+        small["head_dim"] = head_dim
+    for key, value in small.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    return cfg
+
+
 def save_tiny_model(
     path: str | Path,
     *,

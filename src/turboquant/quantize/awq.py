@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
+import logging
 import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from turboquant.errors import ConfigError
+from turboquant.errors import ConfigError, first_line, ModelLoadError
 from turboquant.io.arch import ArchSpec, BlockLayout, LinearGroup
 from turboquant.io.model import OpenedModel
 from turboquant.methods.awq import (AwqConfig, candidates, linear_error, quantize_weight, scaled_fake_quant,
@@ -24,8 +27,10 @@ from turboquant.methods.base import ACTIVATION_SCALES, MethodConfig
 from turboquant.methods.mixed import module_config
 from turboquant.quantize.procedures import block_procedure, set_weight
 from turboquant.quantize.runner import (attached, BlockRunner, PreHook, StopForward, first_output, input_before,
-                                        input_of, run_with_hooks)
+                                        input_of, replica_block, run_with_hooks, trace_groups)
 from turboquant.tensor import naming_overflows, QuantizedTensor, QuantScheme
+
+logger = logging.getLogger(__name__)
 
 _BATCH_TOKENS = 8192  # tokens per block forward (bounds attention / MLP intermediates)
 _QK = ("q_proj", "k_proj")
@@ -331,7 +336,35 @@ def transform_block(block: nn.Module, arch: ArchSpec, hidden: torch.Tensor, laye
         return {name: search_clip(block.get_submodule(name).weight, inputs[name], cfg_of(name)) for name in names}
 
 
-@block_procedure(ACTIVATION_SCALES)
+def check_foldable(opened: OpenedModel) -> None:
+    """Refuse a discovered family AWQ cannot fold (``foldable_groups``) before any weight is read: proven on block 0
+    of a small random replica of the release (``runner.replica_block``), once per config. A config transformers
+    cannot shrink is left to the check on the real block at quantization time."""
+    if not opened.arch.discovered:
+        return
+    reason = _fold_refusal(json.dumps(opened.config, sort_keys=True), opened.arch)
+    if reason is not None:
+        raise ConfigError(*reason)
+
+
+@functools.lru_cache(maxsize=64)
+def _fold_refusal(config_json: str, arch: ArchSpec) -> tuple[str, str] | None:
+    try:
+        block, hidden, kwargs = replica_block(json.loads(config_json), arch)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, ModelLoadError) as e:
+        logger.info("AWQ foldability of '%s' not checked before download: no small replica (%s)", arch.name,
+                    first_line(e))
+        return None
+    with torch.no_grad():
+        try:
+            groups = trace_groups(block, hidden, kwargs, arch.linears)
+            foldable_groups(block, groups, hidden, kwargs, arch.name)
+        except ConfigError as e:
+            return e.problem, e.fix
+    return None
+
+
+@block_procedure(ACTIVATION_SCALES, structure_check=check_foldable)
 def awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, config: MethodConfig,
                prefix: str) -> tuple[dict[str, QuantizedTensor], torch.Tensor | None]:
     """AWQ: search and fold activation scales into the block, search clipping, then quantize every linear."""

@@ -25,7 +25,7 @@ from turboquant.methods import get_method, MethodConfig
 from turboquant.methods.base import group_fallbacks, WeightQuantConfig, with_group_overrides
 from turboquant.methods.mixed import base_method, MixedPrecisionConfig, module_config
 from turboquant.quantize import sensitivity as mixed_precision
-from turboquant.quantize.procedures import needs_float_stream, procedure_for
+from turboquant.quantize.procedures import check_structure, needs_float_stream, procedure_for
 from turboquant.quantize.runner import BlockRunner
 from turboquant.tensor import naming_overflows, QuantScheme
 
@@ -157,7 +157,8 @@ def _quantize_calibrated(
 
 def planned_config(opened: OpenedModel, config: MethodConfig) -> tuple[MethodConfig, list[str]]:
     """``config`` as it will run on ``opened`` (per-layer groups under ``indivisible``) and what that changed from
-    what was asked; fails before any work when the scheme cannot cover a linear. The plan check runs the same."""
+    what was asked; fails before any work when the scheme cannot cover a linear or the method's block procedure
+    cannot run on the family. The plan check and triage run the same."""
     fallbacks: list[str] = []
     if isinstance(config, WeightQuantConfig):
         widths = opened.linear_inputs()
@@ -165,6 +166,7 @@ def planned_config(opened: OpenedModel, config: MethodConfig) -> tuple[MethodCon
         fallbacks = group_fallbacks(config, widths)
     if isinstance(config, (WeightQuantConfig, MixedPrecisionConfig)):
         _check_scheme_fits(opened, config)
+    check_structure(opened, config)
     return config, fallbacks
 
 

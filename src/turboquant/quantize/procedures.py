@@ -28,11 +28,16 @@ BlockProcedure = Callable[[BlockRunner, nn.Module, OpenedModel, MethodConfig, st
 #: quantized ones (``BlockRunner.float_hidden``), e.g. GPTAQ's asymmetric target.
 FloatStream = Callable[[OpenedModel, MethodConfig], bool]
 
+#: Raises, before any weight is read, when a procedure cannot run on ``opened``'s family (from its config alone:
+#: the plan check and triage call it), e.g. AWQ on a block with nothing to fold scales into.
+StructureCheck = Callable[[OpenedModel], None]
+
 BLOCK_PROCEDURES: dict[str, BlockProcedure] = {}
 FLOAT_STREAMS: dict[str, FloatStream] = {}
+STRUCTURE_CHECKS: dict[str, StructureCheck] = {}
 
 
-def block_procedure(name: str, float_stream: FloatStream | None = None
+def block_procedure(name: str, float_stream: FloatStream | None = None, structure_check: StructureCheck | None = None
                     ) -> Callable[[BlockProcedure], BlockProcedure]:
     """Decorator registering the procedure for methods whose registration names ``name``."""
 
@@ -42,6 +47,8 @@ def block_procedure(name: str, float_stream: FloatStream | None = None
         BLOCK_PROCEDURES[name] = fn
         if float_stream is not None:
             FLOAT_STREAMS[name] = float_stream
+        if structure_check is not None:
+            STRUCTURE_CHECKS[name] = structure_check
         return fn
 
     return wrap
@@ -60,6 +67,14 @@ def needs_float_stream(opened: OpenedModel, config: MethodConfig) -> bool:
     """Whether sequential quantization of ``opened`` with ``config`` must carry the float model's activations."""
     wants = FLOAT_STREAMS.get(get_method(base_method(config)).block_procedure)
     return bool(wants and wants(opened, config))
+
+
+def check_structure(opened: OpenedModel, config: MethodConfig) -> None:
+    """Raise when ``config``'s block procedure cannot run on ``opened``'s family (its ``StructureCheck``)."""
+    spec = get_method(base_method(config))
+    check = STRUCTURE_CHECKS.get(spec.block_procedure) if spec.needs_calibration else None
+    if check is not None:
+        check(opened)
 
 
 def set_weight(block: nn.Module, name: str, qt: QuantizedTensor) -> None:

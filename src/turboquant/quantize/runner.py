@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from turboquant.errors import ModelLoadError
-from turboquant.io.arch import BlockLayout, LinearGroup
+from turboquant.io.arch import ArchSpec, BlockLayout, LinearGroup
 from turboquant.io.model import OpenedModel
 from turboquant.io.skeleton import build_skeleton
+from turboquant.io.tiny import replica_config
 
 
 class StopForward(Exception):
@@ -301,6 +302,25 @@ def layer_calls(base: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
         raise ModelLoadError(f"{type(base).__name__}'s forward called {len(calls)} of {last + 1} decoder blocks "
                              "with a hidden_states input", "this family's forward is not a plain block stack")
     return calls
+
+
+@torch.no_grad()
+def replica_block(config: dict, arch: ArchSpec, seqlen: int = 16, seed: int = 0
+                  ) -> tuple[nn.Module, torch.Tensor, dict]:
+    """Block 0 of a small random replica of the model ``config`` describes (``io.tiny.replica_config``: its
+    family, flags and layer pattern at small widths), its input for ``seqlen`` random tokens, and the keyword
+    arguments the replica's own forward calls it with: a structural question (who feeds which linear) answered
+    before any weight is read."""
+    from transformers import AutoModelForCausalLM
+
+    small = replica_config(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(small, dtype=torch.float32).eval()
+    base_name = arch.blocks_prefix.rpartition(".")[0]
+    blocks = model.get_submodule(arch.blocks_prefix)
+    ids = torch.randint(0, small.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(seed))
+    kwargs = layer_calls(model.get_submodule(base_name), blocks, ids, upto=0)[0]
+    return blocks[0], kwargs.pop("hidden_states"), kwargs
 
 
 def trace_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: tuple[str, ...]
