@@ -18,7 +18,7 @@ SRC = ROOT / "src"
 #: Layer of each top-level part; siblings share a number and may not import each other.
 LAYERS: dict[str, int] = {
     "turboquant": 0, "turboquant._version": 0, "turboquant.errors": 0, "turboquant.fsutil": 0,
-    "turboquant.tensor": 0, "turboquant.faults": 0,
+    "turboquant.tensor": 0, "turboquant.faults": 0, "turboquant.device": 0,
     "turboquant.methods": 1, "turboquant.io": 1,
     "turboquant.quantize": 2,
     "turboquant.formats": 3,

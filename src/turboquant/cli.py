@@ -57,6 +57,11 @@ def quantize(
     allow_pickle: bool = typer.Option(False, help="Allow loading pickle (*.bin) checkpoints you trust."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     progress: bool = typer.Option(True, help="Show a progress bar per decoder block."),
+    device: Optional[str] = typer.Option(
+        None, help="Compute device: auto, cpu, cuda, cuda:N or mps (default: $TURBOQUANT_DEVICE, else auto)."),
+    activation_budget: Optional[str] = typer.Option(
+        None, help="Calibration activations kept on the device, e.g. 16GiB; the rest wait in host memory "
+                   "(default: $TURBOQUANT_ACTIVATION_BUDGET, else half the device memory free)."),
 ) -> None:
     """Quantize MODEL with one method and scheme into a canonical checkpoint that every exporter reads."""
     from turboquant.io.calibration import calibration_for
@@ -79,7 +84,8 @@ def quantize(
     calib_set = calibration_for(opened.source.path, opened.config.get("max_position_embeddings"), calib=calib,
                                 data=data, n_samples=n_samples, seqlen=seqlen, seed=seed)
     path = run_quantize(opened, cfg, out, overwrite=overwrite, progress=progress and sys.stderr.isatty(),
-                        calib=calib_set, sequential=sequential)
+                        calib=calib_set, sequential=sequential, device=device,
+                        activation_budget=activation_budget)
     typer.echo(f"wrote {path}")
 
 

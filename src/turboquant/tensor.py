@@ -162,8 +162,16 @@ class QuantizedTensor:
         if self.g_idx is not None:
             return self.g_idx.long()
         if self.scheme.group_size > 0:
-            return torch.arange(in_f) // self.scheme.group_size
-        return torch.zeros(in_f, dtype=torch.long)
+            return torch.arange(in_f, device=self.codes.device) // self.scheme.group_size
+        return torch.zeros(in_f, dtype=torch.long, device=self.codes.device)
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        """The same tensor with codes, scales, zero points and ``g_idx`` on ``device`` (itself when there)."""
+        if self.codes.device == torch.device(device):
+            return self
+        g_idx = None if self.g_idx is None else self.g_idx.to(device)
+        return QuantizedTensor(self.codes.to(device), self.scale.to(device), self.zero.to(device), self.scheme, g_idx,
+                               self.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight these codes represent: ``(codes - zero) * scale``."""

@@ -116,6 +116,8 @@ class LlamaCppScorer:
         finally:
             probe.close()
         self._llm, self._n_ctx = None, 0
+        #: every layer offloaded when llama.cpp was built with a GPU backend (CUDA, Metal), else none
+        self.gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
 
     def _model(self, n: int):
         if self._llm is None or self._n_ctx < n:
@@ -123,7 +125,8 @@ class LlamaCppScorer:
                 self._llm.close()
             threads = max(1, torch.get_num_threads())
             self._llm = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=n, n_batch=n, n_ubatch=n,
-                                              logits_all=True, n_threads=threads, verbose=False, seed=0)
+                                              logits_all=True, n_threads=threads, verbose=False, seed=0,
+                                              n_gpu_layers=self.gpu_layers)
             self._n_ctx = n
         return self._llm
 

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from turboquant.device import stats_dtype
 from turboquant.errors import ConfigError, first_line, ModelLoadError
 from turboquant.io.arch import ArchSpec, BlockLayout, LinearGroup
 from turboquant.io.model import OpenedModel
@@ -49,6 +50,10 @@ def _inspect_name(group: LinearGroup) -> str:
     return parents.pop() if len(parents) == 1 else ""  # readers in several sub-modules (parallel blocks): the block
 
 
+def _device_of(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
 def _can_fold(feeder: nn.Module, linears: list[nn.Linear]) -> bool:
     """Whether ``feeder``'s output channels map one to one onto the linears' input channels."""
     n_in = linears[0].in_features
@@ -63,6 +68,7 @@ def _fold(feeder: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: 
 
     ``offset``: a norm that multiplies by ``offset + weight`` (Gemma's ``1 + w``) gets ``(offset + w) / s - offset``.
     """
+    s = s.to(feeder.weight.device)
     if isinstance(feeder, nn.Linear):
         feeder.weight.div_(s.to(feeder.weight.dtype).unsqueeze(1))
     else:
@@ -87,13 +93,13 @@ def _scale_group(block: nn.Module, group: LinearGroup, hidden: torch.Tensor, lay
         return None
     inspect = block.get_submodule(_inspect_name(group))
     n_in = linears[0].in_features
-    abs_sum, count = torch.zeros(n_in, dtype=torch.float64), 0
+    abs_sum, count = torch.zeros(n_in, dtype=stats_dtype(hidden.device), device=hidden.device), 0
     calls: list[tuple[tuple, dict]] = []
 
     def on_linear(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         nonlocal abs_sum, count
         X = input_of(args, kwargs).reshape(-1, n_in).float()
-        abs_sum += X.abs().sum(0, dtype=torch.float64)
+        abs_sum += X.abs().sum(0, dtype=abs_sum.dtype)
         count += X.shape[0]
         raise StopForward  # fires after on_inspect (registered first): nothing later in the block is needed
 
@@ -120,11 +126,12 @@ def _replay_kwargs(kwargs: dict) -> dict:
 
 
 def _gram(calls: list[tuple[tuple, dict]], n_in: int) -> torch.Tensor:
-    H = torch.zeros(n_in, n_in)
+    H: torch.Tensor | None = None
     for args, kwargs in calls:
         X = input_of(args, kwargs).reshape(-1, n_in).float()
+        H = torch.zeros(n_in, n_in, device=X.device) if H is None else H
         H.addmm_(X.T, X)
-    return H
+    return H if H is not None else torch.zeros(n_in, n_in)
 
 
 def _best_scale(x_mean: torch.Tensor, linears: list[nn.Linear], error: Callable[[torch.Tensor], float],
@@ -184,7 +191,7 @@ def _token_subsample(block: nn.Module, names: list[str], hidden: torch.Tensor, l
             X = x.reshape(-1, x.shape[-1])
             lo = seen[name]
             pick = wanted[(wanted >= lo) & (wanted < lo + X.shape[0])] - lo
-            parts[name].append(X[pick].float())
+            parts[name].append(X[pick.to(X.device)].float())
             seen[name] = lo + X.shape[0]
 
         return hook
@@ -204,7 +211,8 @@ class _EvenTokens:
     def take(self, x: torch.Tensor) -> None:
         X = x.reshape(-1, x.shape[-1])
         lo = self.seen
-        self.parts.append(X[self.wanted[(self.wanted >= lo) & (self.wanted < lo + X.shape[0])] - lo].float())
+        pick = self.wanted[(self.wanted >= lo) & (self.wanted < lo + X.shape[0])] - lo
+        self.parts.append(X[pick.to(X.device)].float())
         self.seen = lo + X.shape[0]
 
     def rows(self) -> torch.Tensor:
@@ -214,13 +222,15 @@ class _EvenTokens:
 class _Moments:
     """``XᵀX`` and the mean ``|x|`` per channel of a stream of inputs (float64 sums for the mean, as above)."""
 
-    def __init__(self, n_in: int) -> None:
-        self.H, self.abs_sum, self.count = torch.zeros(n_in, n_in), torch.zeros(n_in, dtype=torch.float64), 0
+    def __init__(self, n_in: int, device: torch.device) -> None:
+        self.H = torch.zeros(n_in, n_in, device=device)
+        self.abs_sum = torch.zeros(n_in, dtype=stats_dtype(device), device=device)
+        self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         X = x.reshape(-1, x.shape[-1]).float()
         self.H.addmm_(X.T, X)
-        self.abs_sum += X.abs().sum(0, dtype=torch.float64)
+        self.abs_sum += X.abs().sum(0, dtype=self.abs_sum.dtype)
         self.count += X.shape[0]
 
     @property
@@ -261,7 +271,8 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
 
     # attention norm -> q/k/v, scored on the attention output; the float pass also yields o_proj's input
     g_qkv, g_o, g_mlp, g_down = groups
-    x_moments, ctx_moments = _Moments(hidden.shape[-1]), _Moments(attn_out.in_features)
+    x_moments = _Moments(hidden.shape[-1], hidden.device)
+    ctx_moments = _Moments(attn_out.in_features, hidden.device)
     calls, attn_ref = [], []
     for h in batches:
         x = attn_norm(h)
@@ -282,7 +293,8 @@ def _transform_staged(block: nn.Module, layout: BlockLayout, groups: tuple[Linea
 
     # MLP norm -> gate/up, scored on the MLP output over a token subsample; the pass also yields down_proj's input
     search = _EvenTokens(total, cfg.search_tokens)
-    x2_moments, act_moments = _Moments(hidden.shape[-1]), _Moments(mlp_out.in_features)
+    x2_moments = _Moments(hidden.shape[-1], hidden.device)
+    act_moments = _Moments(mlp_out.in_features, hidden.device)
     for h, a in zip(batches, attn_ref):
         x2 = mlp_norm(h + a)
         x2_moments.add(x2)
@@ -322,7 +334,7 @@ def transform_block(block: nn.Module, arch: ArchSpec, hidden: torch.Tensor, laye
         return config_of(name) if config_of is not None else cfg
 
     with torch.no_grad():
-        hidden = _sample_rows(hidden.float(), cfg.search_samples)
+        hidden = _sample_rows(hidden, cfg.search_samples).to(_device_of(block)).float()
         names = [n for n in arch.linears if not (cfg.skip_qk_clip and n.rpartition(".")[2] in _QK)]
         if arch.layout is not None and len(arch.groups) == 4:
             inputs = _transform_staged(block, arch.layout, arch.groups, hidden, layer_kwargs, cfg, names,
@@ -372,7 +384,7 @@ def awq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel, 
     arch = opened.arch
     if "awq_groups" not in runner.notes:
         groups = arch.groups if not arch.discovered else foldable_groups(
-            block, runner.groups(block), runner.hidden[:1], runner.layer_kwargs, arch.name)
+            block, runner.groups(block), runner.batch(runner.hidden, slice(0, 1)), runner.layer_kwargs, arch.name)
         runner.notes["awq_groups"] = groups
         runner.notes["awq_unscaled"] = ["+".join(g.linears) for g in groups if g.feeder is None or not _can_fold(
             block.get_submodule(g.feeder), [block.get_submodule(n) for n in g.linears])]
@@ -437,7 +449,7 @@ def _fold_holds(block: nn.Module, group: LinearGroup, feeder: str, offset: float
     linears = [trial.get_submodule(n) for n in group.linears]
     if not _can_fold(module, linears):
         return False
-    s = torch.rand(linears[0].in_features, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+    s = (torch.rand(linears[0].in_features, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5).to(hidden.device)
     _fold(module, linears, s, offset)
     out = first_output(trial(hidden, **kwargs))
     return bool((out - reference).norm() <= _FOLD_TOLERANCE * reference.norm())

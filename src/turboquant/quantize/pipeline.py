@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from turboquant.device import ActivationStore, describe_device, resolve_budget, resolve_device
 from turboquant.errors import ConfigError
 from turboquant.fsutil import atomic_output_dir
 from turboquant.io.calibration import CalibrationSet, check_vocab
@@ -44,16 +45,22 @@ def quantize(
     calib: CalibrationSet | None = None,
     sequential: bool = True,
     batch_size: int = 8,
+    device: str | torch.device | None = None,
+    activation_budget: int | str | None = None,
 ) -> Path:
     """Quantize ``model`` with ``config`` into the canonical checkpoint at ``out`` (written atomically).
 
     Calibrated methods need ``calib``; ``sequential=False`` feeds every block the float model's activations
-    instead of those of the already-quantized blocks before it.
+    instead of those of the already-quantized blocks before it. ``device`` (``device.resolve_device``: None is
+    ``$TURBOQUANT_DEVICE`` or auto) holds the block, its statistics and the solves; calibration activations stay
+    there within ``activation_budget`` bytes (``device.resolve_budget``) and in host memory beyond it.
     """
     spec = get_method(config.method)
     mixed = isinstance(config, MixedPrecisionConfig)
     if spec.needs_calibration and calib is None and not (mixed and config.plan and not get_method(config.base).needs_calibration):
         raise ConfigError(f"method '{spec.name}' needs calibration data", "pass --calib FILE or --data FILE")
+    dev = resolve_device(device)
+    store = ActivationStore(dev, resolve_budget(activation_budget, dev))
     opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
     config, fallbacks = planned_config(opened, config)
     if calib is not None:
@@ -64,16 +71,17 @@ def quantize(
         sensitivity = None
         if mixed:  # measure and allocate first: the budget is shared by every layer of the model
 
-            config, sensitivity = mixed_precision.resolve(opened, config, calib, batch_size, progress)
+            config, sensitivity = mixed_precision.resolve(opened, config, calib, batch_size, progress, store=store)
         writer = CheckpointWriter(tmp, n_shards)
         bar = _BlockProgress(tqdm(total=n_shards, desc=f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}",
                                   unit="block", disable=not progress, leave=False), spec.name, out.name)
         if get_method(base_method(config)).needs_calibration:
-            fallbacks += _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update)
+            fallbacks += _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update,
+                                              store)
         else:
             for i in range(opened.n_layers):
                 tensors = opened.block(i)
-                writer.write_shard(i, _process_block(opened, i, tensors, config, writer))
+                writer.write_shard(i, _process_block(opened, i, tensors, config, writer, dev))
                 del tensors
                 bar.update()
         rest = opened.checkpoint.load(opened.checkpoint.non_block_names(opened.arch))
@@ -84,6 +92,7 @@ def quantize(
         bar.close()
         meta = _metadata(opened, config)
         meta["fallbacks"] = fallbacks
+        meta["device"] = describe_device(dev)
         if mixed:
             shapes = {m: info["shape"] for m, info in writer.modules.items()}
             meta["mixed_precision"] = mixed_precision.summary(config, shapes, sensitivity)
@@ -120,14 +129,16 @@ def _quantize_calibrated(
     sequential: bool,
     batch_size: int,
     tick: Callable[[], Any],
+    store: ActivationStore,
 ) -> list[str]:
     """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs.
 
-    Returns what the procedure changed from what was asked (for the manifest and the card)."""
+    Returns what the procedure changed from what was asked (for the manifest and the card). Solvers' results come
+    back to the host for writing."""
     procedure = procedure_for(config)
-    runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size)
+    runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size, store=store)
     if needs_float_stream(opened, config):
-        runner.float_hidden = runner.hidden.clone()
+        runner.keep_float_stream()
     for i in range(opened.n_layers):
         block = runner.load_block(i)
         check_finite({opened.arch.block_prefix(i) + k: v for k, v in block.state_dict().items()})
@@ -143,10 +154,11 @@ def _quantize_calibrated(
         for name, t in block.state_dict().items():
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module in quantized:
-                quantized[module].dtype = opened.checkpoint_dtype(prefix + name)
-                tensors.update(writer.add_quantized(prefix + module, quantized[module]))
+                qt = quantized[module].to("cpu")
+                qt.dtype = opened.checkpoint_dtype(prefix + name)
+                tensors.update(writer.add_quantized(prefix + module, qt))
             else:
-                tensors[prefix + name] = t.detach().to(opened.checkpoint_dtype(prefix + name))
+                tensors[prefix + name] = t.detach().to("cpu", opened.checkpoint_dtype(prefix + name))
         writer.write_shard(i, tensors)
         runner.release_block(i)
         runner.advance(outputs)
@@ -185,8 +197,10 @@ def _schemes(config: WeightQuantConfig | MixedPrecisionConfig, module: str) -> l
 
 
 def _process_block(
-    opened: OpenedModel, index: int, tensors: dict[str, torch.Tensor], config: MethodConfig, writer: CheckpointWriter
+    opened: OpenedModel, index: int, tensors: dict[str, torch.Tensor], config: MethodConfig, writer: CheckpointWriter,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
+    """One streamed block: every planned linear solved on ``device`` (its result back on the host), the rest as read."""
     check_finite(tensors)
     spec = get_method(base_method(config))
     if spec.kind == "cast":
@@ -198,7 +212,8 @@ def _process_block(
         if name in targets:
             module = name.removesuffix(".weight")
             with naming_overflows(module):
-                out.update(writer.add_quantized(module, spec.solver(t, module_config(config, module))))
+                qt = spec.solver(t.to(device), module_config(config, module)).to("cpu")
+                out.update(writer.add_quantized(module, qt))
         else:
             out[name] = t
     return out

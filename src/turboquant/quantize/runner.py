@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from turboquant.device import ActivationStore, to_device
 from turboquant.errors import ModelLoadError
 from turboquant.io.arch import ArchSpec, BlockLayout, LinearGroup
 from turboquant.io.model import OpenedModel
@@ -44,9 +45,13 @@ class InputStats:
     D: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, features: int, abs_mean: bool = False, cross: bool = False) -> "InputStats":
-        return cls(torch.zeros(features, features), torch.zeros(features) if abs_mean else None,
-                   D=torch.zeros(features, features) if cross else None)
+    def empty(cls, features: int, abs_mean: bool = False, cross: bool = False,
+              device: torch.device | str = "cpu") -> "InputStats":
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, device=device)
+
+        return cls(zeros(features, features), zeros(features) if abs_mean else None,
+                   D=zeros(features, features) if cross else None)
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -67,6 +72,10 @@ class BlockRunner:
     ``layer_calls[i]`` are the keyword arguments the model's own forward passes decoder layer ``i`` (position
     embeddings, its attention mask: sliding-window or full, whatever the family computes), recorded for one sample
     and broadcast over every batch; ``layer_kwargs`` is the current block's (set by ``load_block``).
+
+    The current block, its call arguments and the statistics live on ``store.device``; the activations
+    (``hidden``, ``float_hidden``, block outputs) are kept by ``store`` (on the device within its budget, else in
+    host memory) and every batch is fetched to the device to compute (``batch``). The embeddings stay on the host.
     """
 
     opened: OpenedModel
@@ -78,19 +87,27 @@ class BlockRunner:
     float_hidden: torch.Tensor | None = None
     #: what a method changed from what was asked, for the manifest and the card (e.g. AWQ groups left unscaled)
     notes: dict[str, Any] = field(default_factory=dict)
+    store: ActivationStore = field(default_factory=ActivationStore)
     layer_kwargs: dict = field(init=False)
     _blocks: nn.ModuleList = field(init=False)
     _groups: tuple[LinearGroup, ...] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._blocks = self.skeleton.get_submodule(self.opened.arch.blocks_prefix)
+        self.layer_calls = to_device(self.layer_calls, self.device)
         self.layer_kwargs = self.layer_calls[0]
         self._groups = self.opened.arch.groups
 
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
     @classmethod
-    def start(cls, opened: OpenedModel, input_ids: torch.Tensor, batch_size: int = 8) -> "BlockRunner":
+    def start(cls, opened: OpenedModel, input_ids: torch.Tensor, batch_size: int = 8,
+              store: ActivationStore | None = None) -> "BlockRunner":
         """Run the model's own forward up to its first decoder block (embeddings, scaling, masks, RoPE: whatever
-        the family does) and record what every block is called with."""
+        the family does, on the host) and record what every block is called with."""
+        store = store if store is not None else ActivationStore()
         skeleton = build_skeleton(opened.source.path, dtype=torch.float32, real_buffers=True)
         base_name = opened.arch.blocks_prefix.rpartition(".")[0]
         base = skeleton.get_submodule(base_name)
@@ -101,7 +118,7 @@ class BlockRunner:
                             for i in range(0, input_ids.shape[0], batch_size)]).float()
         for c in calls:
             del c["hidden_states"]
-        return cls(opened, skeleton, hidden, calls, batch_size)
+        return cls(opened, skeleton, store.keep(hidden, "hidden"), calls, batch_size, store=store)
 
     def load_block(self, index: int) -> nn.Module:
         """Block ``index`` with its real weights in float32; its call arguments become ``layer_kwargs``."""
@@ -109,14 +126,27 @@ class BlockRunner:
         prefix = self.opened.arch.block_prefix(index)
         state = {k.removeprefix(prefix): v.float() for k, v in self.opened.block(index).items()}
         _assign(block, state, prefix, self.opened)
+        block.to(self.device)
         self.layer_kwargs = self.layer_calls[index]
         return block
+
+    def batch(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of a kept activation, on the device."""
+        return self.store.fetch(t[rows])
+
+    def batches(self, n: int) -> list[slice]:
+        return [slice(i, i + self.batch_size) for i in range(0, n, self.batch_size)]
+
+    def keep_float_stream(self) -> None:
+        """Start the float model's activations (GPTAQ): a kept copy of the block inputs."""
+        self.float_hidden = self.store.keep(self.hidden.clone(), "float_hidden")
 
     def groups(self, block: nn.Module) -> tuple[LinearGroup, ...]:
         """The block's linears by shared input, in the order they run: the table's, or traced once from
         ``block`` (every block has the same linears, ``io.arch.discover``)."""
         if self._groups is None:
-            self._groups = trace_groups(block, self.hidden[:1], self.layer_kwargs, self.opened.arch.linears)
+            self._groups = trace_groups(block, self.batch(self.hidden, slice(0, 1)), self.layer_kwargs,
+                                        self.opened.arch.linears)
         return self._groups
 
     def release_block(self, index: int) -> None:
@@ -128,10 +158,14 @@ class BlockRunner:
         """The block's output for every sample (batched to bound attention memory), with ``hooks`` attached
         meanwhile (observers only: a forward that must return its output cannot stop early)."""
         hidden = self.hidden if hidden is None else hidden
+        out: torch.Tensor | None = None
         with attached(hooks):
-            outs = [first_output(block(hidden[i : i + self.batch_size], **self.layer_kwargs))
-                    for i in range(0, hidden.shape[0], self.batch_size)]
-        return torch.cat(outs)
+            for rows in self.batches(hidden.shape[0]):
+                y = first_output(block(self.batch(hidden, rows), **self.layer_kwargs))
+                if out is None:
+                    out = self.store.empty((hidden.shape[0], *y.shape[1:]), "block output", y.dtype)
+                out[rows] = y
+        return out
 
     @torch.no_grad()
     def capture(self, block: nn.Module, linears: list[str], abs_mean: bool = False,
@@ -143,15 +177,15 @@ class BlockRunner:
         """
         modules = {name: block.get_submodule(name) for name in linears}
         cross = reference is not None and self.float_hidden is not None
-        stats = {name: InputStats.empty(m.in_features, abs_mean, cross) for name, m in modules.items()}
+        stats = {name: InputStats.empty(m.in_features, abs_mean, cross, self.device) for name, m in modules.items()}
         references = {name: reference.get_submodule(name) for name in linears} if cross else {}
-        for i in range(0, self.hidden.shape[0], self.batch_size):
+        for rows in self.batches(self.hidden.shape[0]):
             floats: dict[str, torch.Tensor] | None = None
             if cross:
                 floats = {}
-                run_with_hooks(reference, self.float_hidden[i : i + self.batch_size], self.layer_kwargs,
+                run_with_hooks(reference, self.batch(self.float_hidden, rows), self.layer_kwargs,
                                _record_hooks(references, floats), batch=self.batch_size)
-            run_with_hooks(block, self.hidden[i : i + self.batch_size], self.layer_kwargs,
+            run_with_hooks(block, self.batch(self.hidden, rows), self.layer_kwargs,
                            _capture_hooks(modules, stats, floats), batch=self.batch_size)
         return stats
 
@@ -182,11 +216,11 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
     """
     if len(groups) != 4:
         raise ValueError(f"run_staged needs the 4 input groups of a pre-norm block, got {len(groups)}")
-    h, bs, kwargs = runner.hidden, runner.batch_size, runner.layer_kwargs
+    h, kwargs, store, dev = runner.hidden, runner.layer_kwargs, runner.store, runner.store.fetch
     attn_norm, mlp_norm = block.get_submodule(layout.attn_norm), block.get_submodule(layout.mlp_norm)
     attn, mlp = block.get_submodule(layout.attn), block.get_submodule(layout.mlp)
     attn_out, mlp_out = block.get_submodule(layout.attn_out), block.get_submodule(layout.mlp_out)
-    batches = [slice(i, i + bs) for i in range(0, h.shape[0], bs)]
+    batches = runner.batches(h.shape[0])
     hf = runner.float_hidden if reference is not None else None
     if hf is not None:
         f_attn_norm, f_mlp_norm = reference.get_submodule(layout.attn_norm), reference.get_submodule(layout.mlp_norm)
@@ -194,51 +228,53 @@ def run_staged(runner: BlockRunner, block: nn.Module, layout: BlockLayout, group
         f_attn_out, f_mlp_out = reference.get_submodule(layout.attn_out), reference.get_submodule(layout.mlp_out)
 
     def stats_for(names: list[str], features: int) -> dict[str, InputStats]:
-        shared = InputStats.empty(features, cross=hf is not None)
+        shared = InputStats.empty(features, cross=hf is not None, device=runner.device)
         return {name: shared for name in names}
 
     stats = stats_for(groups[0], h.shape[-1])
     for b in batches:
-        stats[groups[0][0]].add(attn_norm(h[b]), f_attn_norm(hf[b]) if hf is not None else None)
+        stats[groups[0][0]].add(attn_norm(dev(h[b])), f_attn_norm(dev(hf[b])) if hf is not None else None)
     solve(groups[0], stats)
 
-    context = torch.empty(*h.shape[:2], attn_out.in_features)
-    context_f = torch.empty_like(context) if hf is not None else None
+    context = store.empty((*h.shape[:2], attn_out.in_features), "attention context")
+    context_f = store.empty(context.shape, "float attention context") if hf is not None else None
     stats = stats_for(groups[1], attn_out.in_features)
     for b in batches:
-        context[b] = input_before(attn, attn_out, attn_norm(h[b]), kwargs)
+        c = context[b] = input_before(attn, attn_out, attn_norm(dev(h[b])), kwargs)
+        cf = None
         if hf is not None:
-            context_f[b] = input_before(f_attn, f_attn_out, f_attn_norm(hf[b]), kwargs)
-        stats[groups[1][0]].add(context[b], context_f[b] if hf is not None else None)
+            cf = context_f[b] = input_before(f_attn, f_attn_out, f_attn_norm(dev(hf[b])), kwargs)
+        stats[groups[1][0]].add(c, cf)
     solve(groups[1], stats)
 
-    h1 = torch.empty_like(h)
-    h1f = torch.empty_like(h) if hf is not None else None
+    h1 = store.empty(h.shape, "block output")
+    h1f = store.empty(h.shape, "float block output") if hf is not None else None
     stats = stats_for(groups[2], h.shape[-1])
     for b in batches:
-        torch.add(h[b], attn_out(context[b]), out=h1[b])
+        r = h1[b] = dev(h[b]) + attn_out(dev(context[b]))
+        rf = None
         if hf is not None:
-            torch.add(hf[b], f_attn_out(context_f[b]), out=h1f[b])
-        stats[groups[2][0]].add(mlp_norm(h1[b]), f_mlp_norm(h1f[b]) if hf is not None else None)
+            rf = h1f[b] = dev(hf[b]) + f_attn_out(dev(context_f[b]))
+        stats[groups[2][0]].add(mlp_norm(r), f_mlp_norm(rf) if hf is not None else None)
     del context, context_f
     solve(groups[2], stats)
 
     keep = h.shape[0] * h.shape[1] * mlp_out.in_features * 4 <= STAGE_CACHE_BYTES
-    act = torch.empty(*h.shape[:2], mlp_out.in_features) if keep else None
+    act = store.empty((*h.shape[:2], mlp_out.in_features), "MLP activation") if keep else None
     stats = stats_for(groups[3], mlp_out.in_features)
     for b in batches:
-        m = input_before(mlp, mlp_out, mlp_norm(h1[b]))
+        m = input_before(mlp, mlp_out, mlp_norm(dev(h1[b])))
         if hf is not None:
-            mf = input_before(f_mlp, f_mlp_out, f_mlp_norm(h1f[b]))
-            h1f[b] += f_mlp_out(mf)  # the float block's output
+            mf = input_before(f_mlp, f_mlp_out, f_mlp_norm(dev(h1f[b])))
+            h1f[b] = dev(h1f[b]) + f_mlp_out(mf)  # the float block's output
         stats[groups[3][0]].add(m, mf if hf is not None else None)
         if act is not None:
             act[b] = m
     solve(groups[3], stats)
 
     for b in batches:
-        m = act[b] if act is not None else input_before(mlp, mlp_out, mlp_norm(h1[b]))
-        h1[b] += mlp_out(m)
+        m = dev(act[b]) if act is not None else input_before(mlp, mlp_out, mlp_norm(dev(h1[b])))
+        h1[b] = dev(h1[b]) + mlp_out(m)
     if hf is not None:
         runner.float_hidden = h1f
     return h1

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from turboquant.device import ActivationStore
 from turboquant.errors import ConfigError
 from turboquant.methods.mixed import MixedPrecisionConfig, quantize_weight
 from turboquant.quantize.runner import BlockRunner
@@ -141,10 +142,13 @@ class Sensitivity:
 
 @torch.no_grad()
 def measure_sensitivity(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: CalibrationSet,
-                        batch_size: int = 8, progress: bool = False) -> Sensitivity:
-    """``E[l, b]`` for every linear and candidate width (see the module docstring), one block at a time."""
+                        batch_size: int = 8, progress: bool = False, store: ActivationStore | None = None
+                        ) -> Sensitivity:
+    """``E[l, b]`` for every linear and candidate width (see the module docstring), one block at a time, on
+    ``store``'s device."""
 
-    runner = BlockRunner.start(opened, calib.input_ids[: cfg.sensitivity_samples], batch_size=batch_size)
+    runner = BlockRunner.start(opened, calib.input_ids[: cfg.sensitivity_samples], batch_size=batch_size,
+                               store=store)
     linears = list(opened.arch.linears)
     errors: dict[str, dict[int, float]] = {}
     shapes: dict[str, list[int]] = {}
@@ -162,7 +166,7 @@ def measure_sensitivity(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: C
             for bits in cfg.candidate_bits:
                 H = stats[name].H if name in stats else None
                 linear.weight.data = quantize_weight(W, cfg, bits=bits, H=H).dequantize(torch.float32)
-                diff = runner.forward(block) - reference
+                diff = runner.store.fetch(runner.forward(block)) - runner.store.fetch(reference)
                 errors[prefix + name][bits] = float(diff.pow(2).sum(-1).mean())
             linear.weight.data = W
         runner.release_block(i)
@@ -187,8 +191,8 @@ def plan_bits(sens: Sensitivity, cfg: MixedPrecisionConfig) -> dict[str, int]:
 
 
 def resolve(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: CalibrationSet | None, batch_size: int = 8,
-            progress: bool = False, measure: Callable[..., Sensitivity] = measure_sensitivity
-            ) -> tuple[MixedPrecisionConfig, Sensitivity | None]:
+            progress: bool = False, measure: Callable[..., Sensitivity] = measure_sensitivity,
+            store: ActivationStore | None = None) -> tuple[MixedPrecisionConfig, Sensitivity | None]:
     """``cfg`` with its ``plan`` filled in (measured on ``calib``), and the sensitivity it came from.
 
     A config that already has a plan is checked against the model's linears and returned as it is.
@@ -203,7 +207,7 @@ def resolve(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: CalibrationSe
     if calib is None:
         raise ConfigError("mixed precision measures each layer's sensitivity on calibration data, and none was given",
                           "pass --calib FILE or --data FILE")
-    sens = measure(opened, cfg, calib, batch_size=batch_size, progress=progress)
+    sens = measure(opened, cfg, calib, batch_size=batch_size, progress=progress, store=store)
     return replace(cfg, plan=plan_bits(sens, cfg)), sens
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from turboquant.errors import DataError, ModelLoadError, ProvenanceError
+from turboquant.device import resolve_device
+from turboquant.errors import ConfigError, DataError, ModelLoadError, ProvenanceError
 from turboquant.formats import export
 from turboquant.fsutil import sha256_file
 from turboquant.io.calibration import build_calibration, CalibrationRecipe, load_calibration
@@ -186,6 +187,16 @@ def version_notes(manifest: dict[str, Any]) -> list[str]:
     return notes
 
 
+def rebuild_device(manifest: dict[str, Any]) -> str:
+    """The device kind the artifact was quantized on (``cpu`` for manifests that predate the record), when this
+    machine has one; else the CPU (``notes`` says the bytes may then differ)."""
+    recorded = str((manifest.get("quantized_checkpoint") or {}).get("device") or "cpu").split(" ")[0]
+    try:
+        return str(resolve_device(recorded))
+    except ConfigError:
+        return "cpu"
+
+
 def rebuild(manifest: dict[str, Any], model_dir: Path, calib, work: Path) -> Path:
     """Re-run the recorded quantize and export steps into ``work``; returns the rebuilt artifact directory."""
 
@@ -193,7 +204,7 @@ def rebuild(manifest: dict[str, Any], model_dir: Path, calib, work: Path) -> Pat
     config = make_config(cfg.pop("method", manifest.get("method")), **cfg)
     sequential = bool((manifest.get("calibration") or {}).get("sequential", True))
     qdir = quantize(model_dir, config, work / "quantized", calib=calib, sequential=sequential, progress=False,
-                    overwrite=True)
+                    overwrite=True, device=rebuild_device(manifest))
     options = {k: v for k, v in (manifest.get("format_options") or {}).items()}
     return export(qdir, manifest["format"], work / "artifact", overwrite=True, **options)
 
