@@ -12,7 +12,14 @@ STAMP := $(VENV)/.installed
 # not by CMAKE_ARGS, so a natively built wheel cached earlier would be reused.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 
+# The report test renders report.html in headless Chromium: Debian's chromium + chromium-driver, installed once.
+BROWSER_PACKAGES := chromium chromium-driver
+
 $(STAMP): pyproject.toml constraints.txt Makefile
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq \
+	    --no-install-recommends $(BROWSER_PACKAGES); }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --no-cache-dir -c constraints.txt llama-cpp-python
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'

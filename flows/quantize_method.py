@@ -9,5 +9,6 @@ from tasks.quantization import quantize_checkpoint
 
 
 @flow(name="quantize_method", log_prints=True)
-def quantize_method(model_dir: str, config_json: str, calib_path: str | None, out: str) -> str:
-    return quantize_checkpoint(model_dir, config_json, calib_path, out)
+def quantize_method(model_dir: str, config_json: str, calib_path: str | None, out: str,
+                    device: str | None = None) -> str:
+    return quantize_checkpoint(model_dir, config_json, calib_path, out, device=device)

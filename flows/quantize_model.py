@@ -64,8 +64,9 @@ def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest", pl
         for q in plan.quantize:
             args = (model_dir, q.config.to_json(), calib if get_method(q.config.method).needs_calibration else None,
                     str(out / "quantized" / q.name))
-            quantized[q.name] = (quantize_on_pool.submit(place_method(q.config.method).deployment, *args)
-                                 if on_pools else quantize_checkpoint.submit(*args))
+            quantized[q.name] = (quantize_on_pool.submit(place_method(q.config.method, device=q.device).deployment,
+                                                         *args, device=q.device)
+                                 if on_pools else quantize_checkpoint.submit(*args, device=q.device))
         release = release_key(source["sha"], plan_sha)
         shipped = {}
         for q in plan.quantize:

@@ -10,11 +10,13 @@ from tasks.progress import STEP_HOOKS
 
 
 @task(name="quantize-on-pool", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **STEP_HOOKS)
-def quantize_on_pool(deployment: str, model_dir: str, config_json: str, calib_path: str | None, out: str) -> str:
+def quantize_on_pool(deployment: str, model_dir: str, config_json: str, calib_path: str | None, out: str,
+                     device: str | None = None) -> str:
     """Path of the checkpoint a worker of ``deployment``'s pool wrote to ``out`` (shared storage); raises with the
-    child run's final state when it did not complete."""
+    child run's final state when it did not complete. ``device``: the plan's, else the worker's own."""
     run = run_deployment(deployment, parameters={"model_dir": model_dir, "config_json": config_json,
-                                                 "calib_path": calib_path, "out": out}, poll_interval=1)
+                                                 "calib_path": calib_path, "out": out, "device": device},
+                         poll_interval=1)
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         message = (run.state.message or "") if run.state else ""

@@ -154,6 +154,49 @@ def test_save_dir_is_atomic_when_quantization_fails(tiny_model, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory is left
 
 
+SWAP_OPTIONS = {"gptq": {"bits": 4, "group_size": 32}, "awq": {"bits": 4, "group_size": 32},
+                "mixed": {"base": "rtn", "target_bpw": 4.5, "group_size": 32}, "int8-static": {}}
+
+
+def test_one_calib_loader_swaps_between_every_calibrated_method(tiny, one_thread):
+    """The seed's promise: the same ``calib_loader`` feeds every calibrated method, so a swap is one word."""
+    from turboquant.methods import METHODS
+
+    model, ids, ref = tiny
+    calibrated = {name for name, spec in METHODS.items() if spec.needs_calibration}
+    assert calibrated == set(SWAP_OPTIONS)  # a new calibrated method joins this loop
+    tokens = torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(1))
+    loader = [{"input_ids": tokens[i:i + 2], "attention_mask": torch.ones(2, 32, dtype=torch.long)} for i in (0, 2)]
+    errors = {}
+    for method, options in SWAP_OPTIONS.items():
+        q = turboquant.quantize(model, method=method, calib_loader=loader, **options)
+        errors[method] = rel_error(q, ids, ref)
+    bounds = {m: b for m, o, b in CASES if "calib_dataset" in o}
+    assert all(0 < errors[m] < bounds[m] for m in errors), errors
+    # the loader's windows are the calibration set: the same ids as token-id calib_dataset give the same model
+    a = turboquant.quantize(model, method="gptq", calib_loader=loader, bits=4, group_size=32)
+    b = turboquant.quantize(model, method="gptq", calib_dataset=tokens, bits=4, group_size=32)
+    pa, pb = a.model.layers[1].mlp.down_proj.weight, b.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("loader,message", [
+    ([{"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.tensor([[1] * 6 + [0] * 2])}],
+     "padded"),
+    ([torch.ones(1, 8, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], "one length"),
+    ([torch.rand(1, 8)], "not token ids"),
+    ([{"labels": torch.ones(1, 8, dtype=torch.long)}], "no input_ids"),
+    ([], "no batches"),
+])
+def test_calib_loader_refuses_what_would_be_trimmed(tiny, loader, message):
+    from turboquant.errors import DataError
+
+    with pytest.raises(DataError, match=message):
+        turboquant.quantize(tiny[0], method="gptq", calib_loader=loader, bits=4, group_size=32)
+    with pytest.raises(ConfigError, match="pass one of them"):
+        turboquant.quantize(tiny[0], method="gptq", calib_loader=loader, calib_dataset=TEXTS)
+
+
 def test_dispatcher_errors_name_the_valid_choices(tiny):
     model = tiny[0]
     with pytest.raises(ConfigError) as e:

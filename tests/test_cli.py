@@ -43,6 +43,25 @@ def test_quantize_then_eval_with_baseline(tmp_path, tiny_model, heldout_text):
     assert "KL" in r.output
 
 
+def test_quantize_prints_a_progress_line_per_block_when_stderr_is_not_a_terminal(tmp_path, tiny_model):
+    import re
+
+    r = subprocess.run([sys.executable, "-m", "turboquant.cli", "quantize", str(tiny_model), "--method", "rtn",
+                        "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "q")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    n_layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert len(lines) == n_layers + 1, lines  # every block, then the embeddings / head shard
+    pattern = r"turboquant: progress: rtn q: shard (\d+)/(\d+) done in [\d.]+ s \([\d.]+ s total\)"
+    assert [re.fullmatch(pattern, ln).groups() for ln in lines] == [
+        (str(i), str(n_layers + 1)) for i in range(1, n_layers + 2)]
+    quiet = subprocess.run([sys.executable, "-m", "turboquant.cli", "quantize", str(tiny_model), "--method", "rtn",
+                            "--bits", "4", "--group-size", "32", "--no-progress", "--out", str(tmp_path / "q2")],
+                           capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith("wrote ")
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

@@ -133,3 +133,98 @@ def test_the_gpu_benchmark_runs_its_smoke_shape_on_the_cpu(tmp_path):
     gptq = result["rows"][1]
     assert gptq["matrix_floor_s"] > 0 and gptq["ratio_to_floor"] > 0
     assert gptq["ratio_to_floor"] == pytest.approx(gptq["seconds"] / gptq["matrix_floor_s"], rel=1e-2)
+
+
+# --- sharing a machine's GPUs, the plan's device, validation on the device -------------------------------------------
+
+
+def test_claims_take_free_gpus_first_and_wait_when_all_are_held(tmp_path):
+    import threading
+
+    from turboquant.device import claimed_index
+
+    got = []
+    with claimed_index(2, tmp_path) as a, claimed_index(2, tmp_path) as b:
+        assert (a, b) == (0, 1)
+        third = threading.Thread(target=lambda: got.append(_hold(tmp_path)))
+        third.start()
+        third.join(0.5)
+        assert third.is_alive() and got == []  # both GPUs held: the third run waits
+    third.join(5)
+    assert got == [0]  # ... and takes the first one freed
+
+
+def _hold(lock_dir) -> int:
+    from turboquant.device import claimed_index
+
+    with claimed_index(2, lock_dir, poll_s=0.05) as index:
+        return index
+
+
+def test_a_claim_held_by_another_process_is_respected(tmp_path):
+    import subprocess
+    import sys
+
+    from turboquant.device import claimed_index
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom turboquant.device import claimed_index\n"
+        f"with claimed_index(2, {str(tmp_path)!r}) as i:\n    print(i, flush=True)\n    sys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        with claimed_index(2, tmp_path) as index:
+            assert index == 1
+    finally:
+        holder.communicate("\n", timeout=60)
+
+
+def test_unpinned_cuda_requests_spread_over_the_gpus(monkeypatch, tmp_path):
+    from turboquant.device import claimed_device
+
+    monkeypatch.setenv("TURBOQUANT_DEVICE_LOCKS", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with claimed_device("cuda") as a, claimed_device("auto") as b, claimed_device("cuda:1") as pinned:
+        assert (a, b, pinned) == (torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with claimed_device("auto") as cpu:
+        assert cpu == torch.device("cpu")
+
+
+def test_the_plan_names_a_device_per_method_and_it_picks_the_pool():
+    from turboquant.pipeline.placement import place_method
+    from turboquant.pipeline.plan import Plan
+
+    def plan(device):
+        entry = {"method": "gptq", "options": {"bits": 4, "group_size": 32}, "formats": ["gptq"], "device": device}
+        return Plan.from_dict({"models": ["m"], "calibration": {"data": ["x.txt"]}, "quantize": [entry]})
+
+    assert plan("CUDA:1").quantize[0].device == "cuda:1"
+    pools = ("cpu", "cuda", "apple")
+    assert place_method("gptq", pools, device="cpu").pool == "cpu"  # gptq would pick cuda first otherwise
+    assert place_method("gptq", pools).pool == "cuda"
+    assert place_method("rtn", pools, device="cuda:1").pool == "cuda"
+    assert place_method("rtn", pools, device="mps").pool == "apple"
+    assert place_method("rtn", pools, device="auto").pool == "cpu"
+    with pytest.raises(ConfigError, match="on cuda.*only pool"):
+        place_method("rtn", ("cpu",), device="cuda")
+    with pytest.raises(ConfigError, match="'tpu' is not a device name"):
+        plan("tpu")
+    with pytest.raises(ConfigError, match="must be a device name"):
+        plan(0)
+
+
+def test_validation_runs_on_the_asked_device_and_records_it(tiny_model, tmp_path):
+    from turboquant.quality.runtimes import open_runtime
+    from turboquant.quality.validate import validate
+
+    q = quantize(tiny_model, make_config("rtn", bits=8, group_size=32), tmp_path / "q", progress=False)
+    name, model = open_runtime(q, torch.device("meta"))  # placement only: meta holds no values
+    assert name == "torch (dequantized)" and {p.device.type for p in model.parameters()} == {"meta"}
+    text = CALIB / "tiny.txt"
+    on_cpu = validate(q, tiny_model, text, ctx=32, max_tokens=96, device="cpu")
+    default = validate(q, tiny_model, text, ctx=32, max_tokens=96)
+    assert on_cpu["device"] == "cpu" and on_cpu["kl"] == default["kl"] and 0 < on_cpu["kl"] < 0.01
+    with pytest.raises(ConfigError, match="not a device name"):
+        validate(q, tiny_model, text, ctx=32, max_tokens=96, device="gpu0")

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from conftest import CALIB, HELDOUT, HUB_TOKEN, REF_MODEL
 from turboquant.cli import app
+from turboquant.cli_support import PROGRESS_PREFIX
 from turboquant.errors import TurboQuantError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,8 +88,8 @@ def assert_refused(result: Any, problem: str, fix: str, out: Path | None = None,
         line = str(result)
     else:
         assert result.exit_code == code, (result.exit_code, result.stdout[-1000:], result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {lines[:8]}"
+        lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith(PROGRESS_PREFIX)]
+        assert len(lines) == 1, f"expected one line on stderr besides progress, got {len(lines)}: {lines[:8]}"
         assert lines[0].startswith("turboquant: error: "), lines[0]
         line = lines[0].removeprefix("turboquant: error: ")
         assert "Traceback" not in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,36 @@ def test_report_tables_every_artifact_with_plots(w4, tmp_path):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "src=\"http" not in page and "FAIL: mean KL" in page
+    shot = render_in_chromium(run / "report.html", tmp_path / "report.png")
+    assert [alt for alt, _, _ in shot["images"]] == ["size_vs_perplexity", "layer_error"], shot
+    assert all(complete and width > 100 for _, complete, width in shot["images"]), shot  # every plot decoded
+    assert "FAIL: mean KL" in shot["text"] and "1 of 2 artifacts passed" in shot["text"]
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot["height"] > 300
+
+
+def render_in_chromium(page: Path, screenshot: Path) -> dict:
+    """Open ``page`` in headless Debian Chromium (the Makefile installs it), save a screenshot, and report every
+    image's load state (``complete`` and its decoded width: 0 for a broken image) and the page's text."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    assert browser and driver_bin, "chromium / chromedriver are missing: run `make install` (Debian packages)"
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_bin), options=options)
+    try:
+        driver.get(page.resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        text = driver.execute_script("return document.body.innerText")
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
+    return {"images": images, "text": text, "height": height}

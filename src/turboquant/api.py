@@ -11,6 +11,8 @@ dispatcher's own keys (``DISPATCH_OPTIONS``). What each kind of method does:
   first saved with ``save_pretrained`` (with its tokenizer, when its ``name_or_path`` holds one).
 * ``int8-dynamic`` / ``int8-static``: transform a copy of the module in memory (any ``nn.Module``); static int8
   calibrates on ``calib_loader`` batches, or on ``calib_dataset`` token windows for a causal LM.
+* Every calibrated method takes either ``calib_dataset`` or ``calib_loader``: the checkpoint methods turn a
+  loader's token-id batches into a calibration set (recorded as ``<calib_loader>`` with the ids' sha256).
 * ``bnb-int8`` / ``bnb-nf4`` / ``bnb-fp4``: transformers loads the model with a ``BitsAndBytesConfig``;
   ``save_dir`` keeps the transformers bitsandbytes checkpoint (reloaded from there, proving it reloads). A module
   that is not a transformers model has its linears swapped in memory.
@@ -30,7 +32,7 @@ from torch import nn
 
 from turboquant.errors import check_keys, ConfigError, DataError
 from turboquant.fsutil import atomic_output_dir
-from turboquant.io.calibration import build_calibration, CalibrationRecipe, CalibrationSet
+from turboquant.io.calibration import build_calibration, calibration_from_batches, CalibrationRecipe, CalibrationSet
 from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.io.files import TOKENIZER_FILES, matching_files
 from turboquant.io.loaders import load_model
@@ -64,18 +66,21 @@ def quantize(
 
     ``calib_dataset``: a ``CalibrationSet``, a calibration file from ``turboquant calibrate``, token ids
     ``[n, seqlen]``, text / JSON lines / Parquet file(s) or a Hub dataset id, or a list of strings
-    (``calib_samples`` windows of ``calib_seqlen`` tokens are cut from text). ``calib_loader``: batches for
-    ``int8-static`` (a tensor, a tuple of args or a mapping of kwargs each). ``dtype``: of the returned module
-    (default: the cast's dtype for fp16/bf16, else the given module's dtype, else float32).
+    (``calib_samples`` windows of ``calib_seqlen`` tokens are cut from text). ``calib_loader``: batches for any
+    calibrated method (token ids ``[b, s]``, a mapping with ``input_ids``, or a tuple whose first item is the ids;
+    ``int8-static`` also takes any args / kwargs its module's forward does), so swapping methods changes one word.
+    ``dtype``: of the returned module (default: the cast's dtype for fp16/bf16, else the given module's dtype,
+    else float32).
     """
     spec = get_method(method)
     cfg = build_config(spec, options)
     if spec.needs_calibration is False and (calib_dataset is not None or calib_loader is not None):
         raise ConfigError(f"method '{method}' takes no calibration data", "drop calib_dataset / calib_loader")
+    if calib_dataset is not None and calib_loader is not None:
+        raise ConfigError("both calib_dataset and calib_loader were given", "pass one of them")
     if spec.kind in ("cast", "weight"):
         if calib_loader is not None:
-            raise ConfigError(f"method '{method}' calibrates on token windows, not a calib_loader",
-                              "pass calib_dataset (text files, strings, token ids or a calibration file)")
+            calib_dataset = calibration_from_batches(calib_loader)
         return _via_checkpoint(model, spec, cfg, save_dir, calib_dataset, calib_samples, calib_seqlen, revision,
                                overwrite, dtype)
     if spec.kind == "transformers":

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from turboquant.cli_support import (EXIT_GATE_FAILED, EXIT_NOT_REPRODUCED, fail as _fail, handle_errors,
-                                    parse_options)
+                                    parse_options, progress_lines)
 from turboquant.errors import ConfigError
 
 # Optional libraries the runtimes pull in (torchao via GPTQModel) log import-time noise at WARNING on every command
@@ -56,7 +56,8 @@ def quantize(
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) to pin."),
     allow_pickle: bool = typer.Option(False, help="Allow loading pickle (*.bin) checkpoints you trust."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    progress: bool = typer.Option(True, help="Show a progress bar per decoder block."),
+    progress: bool = typer.Option(True, help="Show a progress bar per decoder block (a log line per block when "
+                                             "stderr is not a terminal)."),
     device: Optional[str] = typer.Option(
         None, help="Compute device: auto, cpu, cuda, cuda:N or mps (default: $TURBOQUANT_DEVICE, else auto)."),
     activation_budget: Optional[str] = typer.Option(
@@ -83,9 +84,10 @@ def quantize(
     opened = open_model(model, revision, allow_pickle=allow_pickle)
     calib_set = calibration_for(opened.source.path, opened.config.get("max_position_embeddings"), calib=calib,
                                 data=data, n_samples=n_samples, seqlen=seqlen, seed=seed)
-    path = run_quantize(opened, cfg, out, overwrite=overwrite, progress=progress and sys.stderr.isatty(),
-                        calib=calib_set, sequential=sequential, device=device,
-                        activation_budget=activation_budget)
+    with progress_lines(progress and not sys.stderr.isatty()):
+        path = run_quantize(opened, cfg, out, overwrite=overwrite, progress=progress and sys.stderr.isatty(),
+                            calib=calib_set, sequential=sequential, device=device,
+                            activation_budget=activation_budget)
     typer.echo(f"wrote {path}")
 
 
@@ -126,6 +128,9 @@ def eval_command(
     baseline: Optional[str] = typer.Option(None, help="Unquantized model to compare against (KL, top-1)."),
     max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first N tokens of the text."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    device: Optional[str] = typer.Option(
+        None, help="Device for the torch runtimes: auto, cpu, cuda, cuda:N or mps (default: $TURBOQUANT_DEVICE, "
+                   "else auto)."),
 ) -> None:
     """Perplexity of MODEL on TEXT; with --baseline also KL divergence and top-1 agreement."""
     from turboquant.quality.evaluate import evaluate_paths, write_json
@@ -134,7 +139,7 @@ def eval_command(
     model_dir = resolve_model(model).path
     base_dir = resolve_model(baseline).path if baseline else None
     result = evaluate_paths(model_dir, text, ctx=ctx, stride=stride, baseline=base_dir, max_tokens=max_tokens,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), device=device)
     line = f"ppl {result.ppl:.4f} over {result.n_scored} tokens ({result.n_windows} windows of {result.ctx})"
     if result.kl is not None:
         line += (f"; baseline ppl {result.baseline_ppl:.4f} ({result.ppl_delta_pct:+.2f}%), "
@@ -180,6 +185,9 @@ def validate(
     gate: list[str] = typer.Option([], "--gate", help="Gate override key=value, e.g. max_kl=0.05 (null disables)."),
     baseline_cache: Optional[Path] = typer.Option(None, help="File caching the baseline's distributions."),
     json_out: Path = typer.Option(..., "--json", help="Where to write metrics + verdict (JSON)."),
+    device: Optional[str] = typer.Option(
+        None, help="Device for the torch runtimes: auto, cpu, cuda, cuda:N or mps (default: $TURBOQUANT_DEVICE, "
+                   "else auto)."),
 ) -> None:
     """Measure ARTIFACT in its own runtime against BASELINE and apply the gates; exit 3 when a gate fails."""
     from turboquant.quality.gates import Gates
@@ -190,7 +198,7 @@ def validate(
     gates = Gates.for_bits(recorded_bits(artifact) or 16, **overrides) if overrides else None
     metrics = run_validate(artifact, resolve_model(baseline).path, text, ctx=ctx, long_ctx=long_ctx,
                            max_tokens=max_tokens, tasks=tuple(tasks), task_limit=task_limit, gates=gates,
-                           baseline_cache=baseline_cache, progress=sys.stderr.isatty())
+                           baseline_cache=baseline_cache, progress=sys.stderr.isatty(), device=device)
     write_validation(metrics, json_out)
     verdict = metrics["verdict"]
     line = (f"{metrics['format']} in {metrics['runtime']}: ppl {metrics['ppl']:.4f} ({metrics['ppl_delta_pct']:+.2f}%), "

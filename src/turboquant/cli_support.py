@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import typer
@@ -60,6 +64,38 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                   EXIT_INTERNAL)
 
     return wrapper
+
+
+#: Prefix of the progress lines a long command writes to stderr when it is not a terminal (logs, CI, cron).
+PROGRESS_PREFIX = "turboquant: progress: "
+
+
+@contextlib.contextmanager
+def progress_lines(enabled: bool) -> Iterator[None]:
+    """While enabled, the engine's ``turboquant`` INFO records (one per finished block, with elapsed time) go to
+    stderr as ``turboquant: progress: …`` lines: where no progress bar can be drawn a long job still shows it is
+    alive. A failure still ends with its one ``turboquant: error:`` line."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("turboquant")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ProgressFormatter())
+    handler.setLevel(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class _ProgressFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = PROGRESS_PREFIX if record.levelno == logging.INFO else f"turboquant: {record.levelname.lower()}: "
+        return prefix + record.getMessage()
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:

@@ -9,11 +9,17 @@ where a tensor is kept never changes a result: on one device the bytes are the s
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import tempfile
+import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, IO
 
 import torch
 
@@ -27,6 +33,10 @@ BUDGET_ENV = "TURBOQUANT_ACTIVATION_BUDGET"
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda(?::(\d+))?)$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+#: Directory of the per-GPU lock files by which runs on one machine share its GPUs (default: the temp directory).
+LOCK_DIR_ENV = "TURBOQUANT_DEVICE_LOCKS"
+#: Seconds between tries while every GPU of the machine is held by another run.
+CLAIM_POLL_S = 1.0
 #: Share of the device memory free at the start that activations may take when no budget is given.
 DEFAULT_BUDGET_SHARE = 0.5
 
@@ -61,6 +71,78 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"device '{text}' does not exist: this machine has {count} CUDA device(s)",
                           f"use cuda:0 to cuda:{count - 1}")
     return torch.device("cuda", index)
+
+
+def check_device_name(spec: str) -> str:
+    """``spec`` normalised if it names a device (``auto``, ``cpu``, ``cuda[:N]``, ``mps``), checked by name only:
+    a plan names the device of a worker machine, not of the machine that reads the plan."""
+    text = str(spec).strip().lower()
+    if _SPEC.match(text) is None:
+        raise ConfigError(f"device '{spec}' is not a device name", "use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def device_kind(spec: str) -> str | None:
+    """The kind of machine a device name needs (``cuda``, ``apple`` or ``cpu``); None for ``auto``."""
+    text = check_device_name(spec)
+    return None if text == "auto" else {"mps": "apple"}.get(text, text.split(":")[0])
+
+
+def is_unpinned(spec: str | torch.device | None) -> bool:
+    """Whether ``spec`` (None: ``$TURBOQUANT_DEVICE``) asks for "a GPU" rather than a numbered one: ``auto`` or
+    ``cuda``. Such a request may take any GPU of the machine, which is what lets runs share several."""
+    if isinstance(spec, torch.device):
+        return False
+    return (spec or os.environ.get(DEVICE_ENV) or "auto").strip().lower() in ("auto", "cuda")
+
+
+@contextmanager
+def claimed_device(spec: str | torch.device | None = None) -> Iterator[torch.device]:
+    """The device of ``resolve_device(spec)``, held for the block of the ``with``.
+
+    On a CUDA machine an unpinned request (``auto``, ``cuda``) takes a GPU that no other TurboQuant run on this
+    machine holds (one lock file per GPU, so threads of one worker and separate worker processes alike), waiting
+    while all are held: two methods started at once on a two-GPU worker run one per GPU, a third waits for the
+    first to finish (each run's activation budget assumes the GPU's free memory is its own). A numbered device
+    (``cuda:1``) is used as asked, unlocked."""
+    device = resolve_device(spec)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count == 0 or not is_unpinned(spec):
+        yield device
+        return
+    with claimed_index(count) as index:
+        yield torch.device("cuda", index)
+
+
+@contextmanager
+def claimed_index(count: int, lock_dir: str | Path | None = None, poll_s: float = CLAIM_POLL_S) -> Iterator[int]:
+    """The index of one of ``count`` devices that no other holder of a lock in ``lock_dir`` has, held until the
+    block ends; lowest free index first, waiting ``poll_s`` between tries while all are taken."""
+    root = Path(lock_dir or os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "turboquant-devices")
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        for index in range(count):
+            handle = _try_lock(root / f"cuda-{index}.lock")
+            if handle is not None:
+                try:
+                    yield index
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    handle.close()
+                return
+        time.sleep(poll_s)
+
+
+def _try_lock(path: Path) -> IO[bytes] | None:
+    """The open lock file, locked exclusively, or None when another holder has it (``flock`` locks belong to one
+    open file, so two threads of one process exclude each other as two processes do)."""
+    handle = open(path, "ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def _mps_available() -> bool:

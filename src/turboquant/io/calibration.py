@@ -200,6 +200,48 @@ def _as_ids(seq: Any) -> list[int]:
     return list(seq)
 
 
+LOADER_SOURCE = "<calib_loader>"
+
+
+def calibration_from_batches(batches: Iterable[Any]) -> CalibrationSet:
+    """A ``CalibrationSet`` from a ``calib_loader``: batches of token ids ``[b, s]`` / ``[s]``, mappings with
+    ``input_ids`` (an ``attention_mask`` must mark every token), or tuples whose first item is the ids.
+
+    Block-wise solvers calibrate on whole windows of one length, so padded or ragged batches are refused rather
+    than trimmed: trimming would change the data the user gave.
+    """
+    rows: list[torch.Tensor] = []
+    for i, batch in enumerate(batches):
+        mask = None
+        if hasattr(batch, "keys"):
+            if "input_ids" not in batch:
+                raise DataError(f"calib_loader batch {i} has no input_ids (keys: {', '.join(map(str, batch.keys()))})",
+                                "yield token ids, or mappings with an input_ids entry")
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            ids = batch[0]
+        else:
+            ids = batch
+        ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dim() not in (1, 2) or ids.shape[-1] < 2:
+            raise DataError(f"calib_loader batch {i} is not token ids (shape {tuple(ids.shape)}, {ids.dtype})",
+                            "yield integer token ids [batch, seqlen] with seqlen >= 2")
+        ids = ids.reshape(-1, ids.shape[-1])
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            raise DataError(f"calib_loader batch {i} is padded (its attention_mask has zeros)",
+                            "yield unpadded windows of one length (pack the text), or pass calib_dataset")
+        if rows and ids.shape[1] != rows[0].shape[1]:
+            raise DataError(f"calib_loader batch {i} has windows of {ids.shape[1]} tokens, batch 0 of "
+                            f"{rows[0].shape[1]}", "yield windows of one length, or pass calib_dataset")
+        rows.append(ids.long())
+    if not rows:
+        raise DataError("calib_loader yielded no batches", "pass an iterable of token-id batches")
+    ids = torch.cat(rows)
+    recipe = CalibrationRecipe((LOADER_SOURCE,), n_samples=ids.shape[0], seqlen=ids.shape[1])
+    digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    return CalibrationSet(ids, recipe, {"input_ids_sha256": digest})
+
+
 def check_vocab(calib: CalibrationSet, vocab_size: int) -> None:
     """Refuse a calibration set made with another tokenizer (token ids beyond the model's vocabulary)."""
     top = int(calib.input_ids.max())

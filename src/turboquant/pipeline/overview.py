@@ -29,7 +29,9 @@ def overview(plan: Plan) -> tuple[list[str], list[tuple[str, TurboQuantError]], 
                 continue
         lines.append("  fetch → calibrate → baseline (pool cpu)")
         for q in plan.quantize:
-            lines.append(f"  quantize {q.name} (pool {_pool_of(place_method, q.config.method)}): {q.config.to_json()}")
+            pool = _pool_of(lambda method: place_method(method, device=q.device), q.config.method)
+            on = f", device {q.device}" if q.device else ""
+            lines.append(f"  quantize {q.name} (pool {pool}{on}): {q.config.to_json()}")
             for target in q.formats:
                 err = next((e for n, lbl, e in results if n == q.name and lbl == target.label), None)
                 lines.append(f"    export {target.label} → validate (pool {_pool_of(place_validator, target.format)})"

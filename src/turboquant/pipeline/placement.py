@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from turboquant.device import device_kind
 from turboquant.errors import ConfigError
 from turboquant.methods.base import get_method
 
@@ -69,9 +70,12 @@ def _place(work: str, needs: tuple[str, ...], pools: tuple[str, ...]) -> Placeme
                       f"start a worker on pool {POOL_FOR_DEVICE[needs[0]]} or add it to TURBOQUANT_POOLS")
 
 
-def place_method(method: str, pools: tuple[str, ...] | None = None) -> Placement:
-    """The pool a quantization with ``method`` runs on."""
-    return _place(f"method {method}", get_method(method).devices, pools or available_pools())
+def place_method(method: str, pools: tuple[str, ...] | None = None, device: str | None = None) -> Placement:
+    """The pool a quantization with ``method`` runs on: the first of the method's devices with a pool, or the pool
+    of the plan's ``device`` for it (``cuda:1`` → cuda, ``mps`` → apple) when one is named."""
+    kind = device_kind(device) if device else None
+    needs = (kind,) if kind else get_method(method).devices
+    return _place(f"method {method}" + (f" on {device}" if kind else ""), needs, pools or available_pools())
 
 
 def place_validator(fmt: str, pools: tuple[str, ...] | None = None) -> Placement:

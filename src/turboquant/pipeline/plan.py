@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from turboquant.device import check_device_name
 from turboquant.errors import check_keys, ConfigError, TurboQuantError
 from turboquant.fsutil import read_yaml
 from turboquant.formats.base import get_format, resolve_options
@@ -26,7 +27,7 @@ from turboquant.quantize.pipeline import planned_config
 from turboquant.tensor import QuantScheme
 
 TOP_KEYS = {"models", "calibration", "evaluation", "quantize", "gates", "publish"}
-QUANT_KEYS = {"name", "method", "options", "formats"}
+QUANT_KEYS = {"name", "method", "options", "formats", "device"}
 
 
 def _keys(section: str, data: Any, allowed: set[str]) -> dict[str, Any]:
@@ -170,9 +171,13 @@ class FormatTarget:
 
 @dataclass(frozen=True)
 class Quantization:
+    """One planned quantization: its method config, the formats it is exported to, and the device it computes
+    on (None: the pool's, ``$TURBOQUANT_DEVICE`` of its worker, else auto)."""
+
     name: str
     config: MethodConfig
     formats: tuple[FormatTarget, ...]
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,11 @@ def _quantization(q: Any) -> Quantization:
         formats.append(FormatTarget(f["format"], {k: v for k, v in f.items() if k != "format"}))
     if not formats:
         raise ConfigError(f"quantization {name} lists no formats", "add formats: [gptq, gguf, ...]")
-    return Quantization(name, config, tuple(formats))
+    device = q.get("device")
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"quantize[{name}].device must be a device name, not {device!r}",
+                          "use auto, cpu, cuda, cuda:N or mps")
+    return Quantization(name, config, tuple(formats), check_device_name(device) if device else None)
 
 
 def _default_name(config: MethodConfig) -> str:

@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from turboquant.device import resolve_device
 from turboquant.errors import DataError
 from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 
@@ -98,9 +99,16 @@ class Scorer(Protocol):
 
 
 def _logits(model: "torch.nn.Module | Scorer", chunk: torch.Tensor) -> torch.Tensor:
+    """Logits ``[T, vocab]`` on the host; a torch model is fed on the device its weights are on."""
     if isinstance(model, torch.nn.Module):
-        return model(chunk).logits[0].float()
+        return model(chunk.to(module_device(model))).logits[0].float().cpu()
     return model.logits(chunk[0]).float()
+
+
+def module_device(model: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (a model is placed whole), the CPU for a module without any."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _window_logits(model: "torch.nn.Module | Scorer", ids: torch.Tensor, w: Window
@@ -263,14 +271,17 @@ def evaluate_paths(
     baseline: str | Path | None = None,
     max_tokens: int | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> EvalResult:
-    """``evaluate`` from paths: the tokenizer is the one stored with the (quantized) model."""
+    """``evaluate`` from paths: the tokenizer is the one stored with the (quantized) model; both models run on
+    ``device`` (``device.resolve_device``)."""
     tokenizer = load_tokenizer(model)
     ids = tokenize(tokenizer, read_text(text))
     if max_tokens:
         ids = ids[:max_tokens]
-    m = load_model(model)
-    base = load_model(baseline) if baseline is not None else None
+    dev = resolve_device(device)
+    m = load_model(model).to(dev)
+    base = load_model(baseline).to(dev) if baseline is not None else None
     if base is not None and base.config.vocab_size != m.config.vocab_size:
         raise DataError(
             f"baseline vocabulary ({base.config.vocab_size}) differs from the model's ({m.config.vocab_size})",

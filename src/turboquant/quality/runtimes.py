@@ -3,7 +3,8 @@
 A format's runtime is the consumer that proves it: transformers (which hands GPTQ / AWQ layers to GPTQModel's
 kernels and compressed-tensors checkpoints to compressed-tensors) for the safetensors formats, llama.cpp for
 GGUF, MLX for mlx-lm checkpoints, onnxruntime for ONNX. A canonical TurboQuant checkpoint or a plain HF model
-is scored in torch.
+is scored in torch. The torch and transformers runtimes load the artifact on the validation device (GPTQModel's
+CUDA kernels take it in float16 there); llama.cpp offloads to the GPU it was built for; MLX runs where MLX does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from turboquant.io.manifest import find_manifest
 from turboquant.quality.bnb import artifact_quantization
 from turboquant.quality.evaluate import Scorer
 
-Opener = Callable[[Path], "torch.nn.Module | Scorer"]
+Opener = Callable[[Path, torch.device], "torch.nn.Module | Scorer"]
 RUNTIMES: dict[str, tuple[str, Opener]] = {}
 
 
@@ -49,39 +50,49 @@ def artifact_format(path: Path) -> str:
                          "pass a directory written by `turboquant export` or `turboquant quantize`")
 
 
-def open_runtime(path: str | Path) -> tuple[str, "torch.nn.Module | Scorer"]:
-    """``(runtime name, scorer)`` for the artifact at ``path``."""
+def open_runtime(path: str | Path, device: torch.device = torch.device("cpu"), fmt: str | None = None
+                 ) -> tuple[str, "torch.nn.Module | Scorer"]:
+    """``(runtime name, scorer)`` for the artifact at ``path`` (of format ``fmt``, default: as its manifest says),
+    on ``device`` where the runtime runs on torch's."""
     path = Path(path)
-    fmt = artifact_format(path)
+    fmt = fmt or artifact_format(path)
     if fmt not in RUNTIMES:
         raise ModelLoadError(f"no runtime is registered for format '{fmt}'",
                              f"validate one of: {', '.join(sorted(RUNTIMES))}")
     name, opener = RUNTIMES[fmt]
-    return name, opener(path)
+    return name, opener(path, device)
 
 
 @register_runtime("canonical", "torch (dequantized)")
 @register_runtime("hf", "torch")
-def _torch(path: Path) -> torch.nn.Module:
-    return load_model(path).eval()
+def _torch(path: Path, device: torch.device) -> torch.nn.Module:
+    return load_model(path).to(device).eval()
 
 
 @register_runtime("gptq", "transformers + GPTQModel")
 @register_runtime("awq", "transformers + GPTQModel")
 @register_runtime("compressed-tensors", "transformers + compressed-tensors")
-def _transformers(path: Path) -> torch.nn.Module:
+def _transformers(path: Path, device: torch.device) -> torch.nn.Module:
     import os
 
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
+    dtype = kernel_dtype(device)
     if _has_dynamic_overrides(path):
         # Per-module bits (mixed precision) live in quantization_config.dynamic, which GPTQModel honours and
         # transformers' optimum path does not: load it the way its users do.
         from gptqmodel import BACKEND, GPTQModel
 
-        return GPTQModel.load(str(path), device="cpu", backend=BACKEND.TORCH).model.float().eval()
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+        backend = BACKEND.TORCH if device.type == "cpu" else BACKEND.AUTO
+        return GPTQModel.load(str(path), device=str(device), backend=backend).model.to(dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, device_map=str(device), dtype=dtype).eval()
+
+
+def kernel_dtype(device: torch.device) -> torch.dtype:
+    """The activation dtype the quantized kernels take: float32 on the CPU (GPTQModel's torch kernels, exact
+    reference), float16 on a GPU (the Marlin / ExLlama / AWQ kernels serving engines use)."""
+    return torch.float32 if device.type == "cpu" else torch.float16
 
 
 def _has_dynamic_overrides(path: Path) -> bool:
@@ -92,12 +103,12 @@ def _has_dynamic_overrides(path: Path) -> bool:
 
 
 @register_runtime("bitsandbytes", "transformers + bitsandbytes")
-def _bitsandbytes(path: Path) -> torch.nn.Module:
+def _bitsandbytes(path: Path, device: torch.device) -> torch.nn.Module:
     """A bitsandbytes checkpoint (``turboquant quantize --method bnb-*``): its config.json's quantization_config
-    makes transformers rebuild the Linear8bitLt / Linear4bit layers; they run on CPU."""
+    makes transformers rebuild the Linear8bitLt / Linear4bit layers on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, device_map=str(device), dtype=kernel_dtype(device)).eval()
 
 
 class LlamaCppScorer:
@@ -138,9 +149,24 @@ class LlamaCppScorer:
         llm.eval(ids.tolist())
         return torch.from_numpy(np.array(llm.scores[: ids.numel()], dtype=np.float32))
 
+    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float]:
+        """Seconds of the prefill of ``prompt`` (one batch) and of ``n_new`` greedy steps on llama.cpp's KV cache."""
+        import time
+
+        import numpy as np
+
+        llm = self._model(int(prompt.numel()) + n_new)
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt.tolist())
+        t1 = time.perf_counter()
+        for _ in range(n_new):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return t1 - t0, time.perf_counter() - t1
+
 
 @register_runtime("gguf", "llama.cpp")
-def _gguf(path: Path) -> LlamaCppScorer:
+def _gguf(path: Path, device: torch.device) -> LlamaCppScorer:
     files = sorted(p for p in path.glob("*.gguf") if p.name != "imatrix.gguf")
     if len(files) != 1:
         raise ModelLoadError(f"{path} holds {len(files)} model GGUF files", "validate a directory with exactly one")
@@ -165,6 +191,23 @@ class MlxScorer:
         out = self.model(mx.array([ids.tolist()])).astype(mx.float32)
         return torch.from_numpy(np.array(out)[0])
 
+    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float]:
+        """Seconds of the prefill and of ``n_new`` greedy steps on mlx-lm's prompt cache."""
+        import time
+
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        t0 = time.perf_counter()
+        logits = self.model(mx.array([prompt.tolist()]), cache=cache)
+        mx.eval(logits)
+        t1 = time.perf_counter()
+        for _ in range(n_new):
+            logits = self.model(mx.argmax(logits[:, -1, :], axis=-1)[:, None], cache=cache)
+            mx.eval(logits)
+        return t1 - t0, time.perf_counter() - t1
+
 
 class OnnxScorer:
     """An exported ONNX graph in onnxruntime (CPU execution provider): logits of one window."""
@@ -187,12 +230,26 @@ class OnnxScorer:
         out = self.session.run(None, {"input_ids": batch, "attention_mask": np.ones_like(batch)})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32)[0])
 
+    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float]:
+        """Seconds of the prefill and of ``n_new`` greedy steps. The exported graph has no KV-cache inputs, so each
+        step runs the whole sequence again: what a user of this artifact gets."""
+        import time
+
+        ids = prompt.clone()
+        t0 = time.perf_counter()
+        logits = self.logits(ids)
+        t1 = time.perf_counter()
+        for _ in range(n_new):
+            ids = torch.cat([ids, logits[-1].argmax().reshape(1)])
+            logits = self.logits(ids)
+        return t1 - t0, time.perf_counter() - t1
+
 
 @register_runtime("mlx", "MLX (mlx-lm)")
-def _mlx(path: Path) -> MlxScorer:
+def _mlx(path: Path, device: torch.device) -> MlxScorer:
     return MlxScorer(path)
 
 
 @register_runtime("onnx", "onnxruntime")
-def _onnx(path: Path) -> OnnxScorer:
+def _onnx(path: Path, device: torch.device) -> OnnxScorer:
     return OnnxScorer(path)

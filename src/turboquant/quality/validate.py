@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from turboquant.device import describe_device, resolve_device
 from turboquant.errors import DataError
 from turboquant.io.loaders import load_model, load_tokenizer, read_text, tokenize
 from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint
@@ -97,18 +98,21 @@ def validate(
     gates: Gates | None = None,
     baseline_cache: str | Path | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Metrics and verdict for ``artifact`` against ``baseline`` (the unquantized model) on ``text``."""
+    """Metrics and verdict for ``artifact`` against ``baseline`` (the unquantized model) on ``text``; the artifact's
+    runtime and the baseline run on ``device`` (``device.resolve_device``) where the runtime runs on torch."""
     artifact, baseline = Path(artifact), Path(baseline)
+    dev = resolve_device(device)
     fmt = artifact_format(artifact)
     if fmt == "canonical":
         QuantizedCheckpoint.open(artifact).check_complete()  # exported artifacts were checked at export
-    runtime_name, runtime = open_runtime(artifact)
+    runtime_name, runtime = open_runtime(artifact, dev)
     tokenizer = load_tokenizer(artifact if (artifact / "tokenizer_config.json").is_file() else baseline)
     ids = tokenize(tokenizer, read_text(text))
     if max_tokens:
         ids = ids[:max_tokens]
-    base_model = load_model(baseline).eval()
+    base_model = load_model(baseline).to(dev).eval()
     if base_model.config.vocab_size != _vocab(runtime, base_model):
         raise DataError("the artifact's vocabulary differs from the baseline's",
                         "validate an artifact only against the model it was made from")
@@ -117,7 +121,8 @@ def validate(
     base = _baseline(base_model, ids, ctx, baseline_cache)
     short = evaluate_many({"a": runtime}, ids, ctx=ctx, baseline=base, text_name=str(text), progress=progress)["a"]
     metrics: dict[str, Any] = {
-        "artifact": str(artifact), "format": fmt, "runtime": runtime_name, "baseline": str(baseline),
+        "artifact": str(artifact), "format": fmt, "runtime": runtime_name, "device": describe_device(dev),
+        "baseline": str(baseline),
         "text": str(text), **{k: v for k, v in short.to_dict().items() if k != "text"},
     }
     longest = long_ctx or min(contexts + [ids.numel()])

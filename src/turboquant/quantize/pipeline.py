@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from turboquant.device import ActivationStore, describe_device, resolve_budget, resolve_device
+from turboquant.device import ActivationStore, claimed_device, describe_device, resolve_budget
 from turboquant.errors import ConfigError
 from turboquant.fsutil import atomic_output_dir
 from turboquant.io.calibration import CalibrationSet, check_vocab
@@ -53,52 +53,55 @@ def quantize(
     Calibrated methods need ``calib``; ``sequential=False`` feeds every block the float model's activations
     instead of those of the already-quantized blocks before it. ``device`` (``device.resolve_device``: None is
     ``$TURBOQUANT_DEVICE`` or auto) holds the block, its statistics and the solves; calibration activations stay
-    there within ``activation_budget`` bytes (``device.resolve_budget``) and in host memory beyond it.
+    there within ``activation_budget`` bytes (``device.resolve_budget``) and in host memory beyond it. On a
+    machine with several GPUs an unpinned device (auto, cuda) is a GPU no other run holds (``claimed_device``).
     """
     spec = get_method(config.method)
     mixed = isinstance(config, MixedPrecisionConfig)
     if spec.needs_calibration and calib is None and not (mixed and config.plan and not get_method(config.base).needs_calibration):
         raise ConfigError(f"method '{spec.name}' needs calibration data", "pass --calib FILE or --data FILE")
-    dev = resolve_device(device)
-    store = ActivationStore(dev, resolve_budget(activation_budget, dev))
-    opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
-    config, fallbacks = planned_config(opened, config)
-    if calib is not None:
-        check_vocab(calib, int(opened.config.get("vocab_size", 0)) or 1 << 62)
-    out = Path(out)
-    n_shards = opened.n_layers + 1
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        sensitivity = None
-        if mixed:  # measure and allocate first: the budget is shared by every layer of the model
-
-            config, sensitivity = mixed_precision.resolve(opened, config, calib, batch_size, progress, store=store)
-        writer = CheckpointWriter(tmp, n_shards)
-        bar = _BlockProgress(tqdm(total=n_shards, desc=f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}",
-                                  unit="block", disable=not progress, leave=False), spec.name, out.name)
-        if get_method(base_method(config)).needs_calibration:
-            fallbacks += _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update,
-                                              store)
-        else:
-            for i in range(opened.n_layers):
-                tensors = opened.block(i)
-                writer.write_shard(i, _process_block(opened, i, tensors, config, writer, dev))
-                del tensors
-                bar.update()
-        rest = opened.checkpoint.load(opened.checkpoint.non_block_names(opened.arch))
-        check_finite(rest)
-        writer.write_shard(opened.n_layers, _process_plain(rest, config))
-        del rest
-        bar.update()
-        bar.close()
-        meta = _metadata(opened, config)
-        meta["fallbacks"] = fallbacks
-        meta["device"] = describe_device(dev)
-        if mixed:
-            shapes = {m: info["shape"] for m, info in writer.modules.items()}
-            meta["mixed_precision"] = mixed_precision.summary(config, shapes, sensitivity)
+    with claimed_device(device) as dev:
+        store = ActivationStore(dev, resolve_budget(activation_budget, dev))
+        opened = model if isinstance(model, OpenedModel) else open_model(model, revision, allow_pickle=allow_pickle)
+        config, fallbacks = planned_config(opened, config)
         if calib is not None:
-            meta["calibration"] = {"recipe": calib.recipe.to_dict(), **calib.provenance, "sequential": sequential}
-        writer.finish(meta, opened.aux_files(), _config_updates(opened, config), _config_drops(opened))
+            check_vocab(calib, int(opened.config.get("vocab_size", 0)) or 1 << 62)
+        out = Path(out)
+        n_shards = opened.n_layers + 1
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            sensitivity = None
+            if mixed:  # measure and allocate first: the budget is shared by every layer of the model
+                config, sensitivity = mixed_precision.resolve(opened, config, calib, batch_size, progress,
+                                                              store=store)
+            writer = CheckpointWriter(tmp, n_shards)
+            label = f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}"
+            bar = _BlockProgress(tqdm(total=n_shards, desc=label, unit="block", disable=not progress, leave=False),
+                                 spec.name, out.name)
+            if get_method(base_method(config)).needs_calibration:
+                fallbacks += _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update,
+                                                  store)
+            else:
+                for i in range(opened.n_layers):
+                    tensors = opened.block(i)
+                    writer.write_shard(i, _process_block(opened, i, tensors, config, writer, dev))
+                    del tensors
+                    bar.update()
+            rest = opened.checkpoint.load(opened.checkpoint.non_block_names(opened.arch))
+            check_finite(rest)
+            writer.write_shard(opened.n_layers, _process_plain(rest, config))
+            del rest
+            bar.update()
+            bar.close()
+            meta = _metadata(opened, config)
+            meta["fallbacks"] = fallbacks
+            meta["device"] = describe_device(dev)
+            if mixed:
+                shapes = {m: info["shape"] for m, info in writer.modules.items()}
+                meta["mixed_precision"] = mixed_precision.summary(config, shapes, sensitivity)
+            if calib is not None:
+                meta["calibration"] = {"recipe": calib.recipe.to_dict(), **calib.provenance,
+                                       "sequential": sequential}
+            writer.finish(meta, opened.aux_files(), _config_updates(opened, config), _config_drops(opened))
     return out
 
 
