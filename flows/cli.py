@@ -9,6 +9,7 @@ invocation loads this module).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -66,9 +67,11 @@ def nightly(
                                                            "by the release)."),
     runs_root: Path = typer.Option(Path("runs/nightly"), help="Where each release's run and the ledger go."),
     placement: str = typer.Option("local", help="local or pools (see `turboquant run`)."),
+    max_concurrent: int = typer.Option(4, min=1, help="Releases processed at once (a Prefect global concurrency "
+                                                      "limit)."),
 ) -> None:
-    """Check the watch list once and run the plan on every release not yet processed (what the 02:00 UTC
-    deployment does)."""
+    """Check the watch list once and run the plan on every release not yet processed, the releases concurrently
+    (what the 02:00 UTC deployment does)."""
     from turboquant.pipeline.plan import Plan
     from turboquant.release.watch import load_watch
 
@@ -77,7 +80,10 @@ def nightly(
     _prefect_defaults()
     from flows.nightly import nightly as nightly_flow
 
-    outcomes = nightly_flow(watch=str(watch), params=str(params), runs_root=str(runs_root), placement=placement)
+    outcomes = nightly_flow(watch=str(watch), params=str(params), runs_root=str(runs_root), placement=placement,
+                            max_concurrent=max_concurrent)
+    runs_root.mkdir(parents=True, exist_ok=True)
+    (runs_root / "last-nightly.json").write_text(json.dumps(outcomes, indent=2, sort_keys=True, default=str) + "\n")
     for o in outcomes:
         extra = f" ({o['passed']} approved)" if "passed" in o else (f": {o['error'].splitlines()[0]}" if "error" in o else "")
         typer.echo(f"{o['status']:9s} {o['repo_id']}@{o['sha'][:12]}{extra}")

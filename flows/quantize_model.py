@@ -26,6 +26,8 @@ from tasks.progress import STEP_HOOKS
 from tasks.provenance import track_outputs
 from tasks.publish import publish_artifact
 from tasks.quantization import quantize_checkpoint
+from tasks.storage import receive_dir, share_file
+from turboquant.io.storage import storage_url
 from turboquant.methods import get_method
 from turboquant.pipeline.placement import place_method
 from turboquant.pipeline.plan import ModelEntry, Plan, PublishSection
@@ -60,24 +62,39 @@ def quantize_model(params: str = "params.yaml", run_dir: str = "runs/latest", pl
             calib = build_calibration_set.submit(model_dir, plan.calibration.to_dict(), str(out / "calibration.safetensors"))
         baseline = compute_baseline.submit(model_dir, plan.evaluation.text, plan.evaluation.ctx,
                                            plan.evaluation.max_tokens, str(out / "baseline.safetensors"))
-        quantized = {}
+        release = release_key(source["sha"], plan_sha)
+        store = storage_url() if on_pools else None
+        shared_calib = share_file.submit(calib, store, f"{name}/{release}/calibration") if store and calib else None
+        quantized, made = {}, {}
         for q in plan.quantize:
-            args = (model_dir, q.config.to_json(), calib if get_method(q.config.method).needs_calibration else None,
-                    str(out / "quantized" / q.name))
+            calibrated = get_method(q.config.method).needs_calibration
+            local = str(out / "quantized" / q.name)
+            if store:  # the worker shares no directory with us: the model by id, the rest by URL
+                deployment = place_method(q.config.method, device=q.device).deployment
+                stored = quantize_on_pool.submit(deployment, m.id, q.config.to_json(),
+                                                 shared_calib if calibrated else None,
+                                                 f"{name}/{release}/quantized/{q.name}", device=q.device,
+                                                 storage=store, revision=source.get("commit_sha") or m.revision)
+                quantized[q.name] = receive_dir.submit(stored, local)
+                made[q.name] = stored
+                continue
+            args = (model_dir, q.config.to_json(), calib if calibrated else None, local)
             quantized[q.name] = (quantize_on_pool.submit(place_method(q.config.method, device=q.device).deployment,
                                                          *args, device=q.device)
                                  if on_pools else quantize_checkpoint.submit(*args, device=q.device))
-        release = release_key(source["sha"], plan_sha)
-        shipped = {}
+        shipped, made_from = {}, {}
         for q in plan.quantize:
             for target in q.formats:
                 label = f"{q.name}-{target.label}"
+                made_from[label] = q.name
                 shipped[label] = ship_artifact.submit(
                     quantized[q.name], target.format, target.options, model_dir, plan.evaluation.to_dict(), plan.gates,
                     baseline, str(out / "artifacts" / label), str(out / "eval" / f"{label}.json"),
                     _publish_target(plan.publish, name, target.format, q), release_artifact_key(release, label))
         wait(list(shipped.values()))
-        model_verdicts = [_verdict(out / "artifacts" / label, f) for label, f in shipped.items()]
+        model_verdicts = [_verdict(out / "artifacts" / label, f,
+                                   [u for u in (made.get(made_from[label]), quantized[made_from[label]]) if u])
+                          for label, f in shipped.items()]
         if any(v.get("validation") for v in model_verdicts):
             report_run(str(out))
         approved = [v["artifact"] for v in model_verdicts if v["passed"]]
@@ -128,15 +145,19 @@ def _is_deployment_run() -> bool:
         return False
 
 
-def _verdict(artifact: Path, future) -> dict:
-    """The artifact's verdict, or — when its export, validation or publish failed — a failed verdict saying why:
-    one artifact's failure blocks that artifact and nothing else."""
+def _verdict(artifact: Path, future, upstream: list) -> dict:
+    """The artifact's verdict, or — when its quantization (or its hand-over), export, validation or publish
+    failed — a failed verdict saying why (the first upstream step's own error when that is what stopped it): one
+    artifact's failure blocks that artifact and nothing else."""
     state = future.state
     if state.is_completed():
         return future.result()
+    failed = [u for u in upstream if u.state.is_failed() or u.state.is_crashed()]
+    stopped_by = failed[0] if failed else future
     try:
-        future.result()
-        reason = state.message or state.name
+        stopped_by.result()
+        reason = stopped_by.state.message or stopped_by.state.name
     except Exception as e:  # noqa: BLE001 - the task's own error, reported as this artifact's verdict
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return {"artifact": str(artifact), "passed": False, "reasons": [f"not produced: {reason}"], "error": True}
+    step = "quantization failed" if failed else "not produced"
+    return {"artifact": str(artifact), "passed": False, "reasons": [f"{step}: {reason}"], "error": True}

@@ -58,7 +58,7 @@ def validate_artifact(artifact: str, model_dir: str, evaluation: dict, gates: di
     g = Gates.for_bits(recorded_bits(Path(artifact)) or 16, **gates)
     ev = EvaluationSection.from_dict(evaluation)
     metrics = validate(artifact, model_dir, ev.text, ctx=ev.ctx, max_tokens=ev.max_tokens, tasks=tuple(ev.tasks or ()),
-                       task_limit=ev.task_limit, gates=g, baseline_cache=baseline)
+                       task_limit=ev.task_limit, gates=g, baseline_cache=baseline, speed=ev.speed)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_validation(metrics, out)
     faults.point("task.validate.end")

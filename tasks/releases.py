@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.exceptions import ObjectNotFound
 
+from turboquant.errors import ConfigError
 from turboquant.io.hub import latest_commit, list_watch
 from turboquant.pipeline.plan import Plan
 from turboquant.pipeline.triage import triage
@@ -48,9 +52,25 @@ def ledger_keys(ledger: Path) -> set[str]:
 
 @task(name="record-release")
 def record_release(ledger: str, entry: dict) -> None:
-    """Append a finished release to the ledger (one JSON line; appends are atomic for lines this short)."""
+    """Append a finished release to the ledger: one JSON line written under an exclusive lock, as releases
+    finish concurrently."""
     path = Path(ledger)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
     get_run_logger().info("recorded release %s@%s", entry["repo_id"], entry["sha"][:12])
+
+
+@task(name="set-release-limit")
+def set_release_limit(name: str, limit: int) -> None:
+    """Create the global concurrency limit ``name`` with ``limit`` slots, or set an existing one to it."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"max_concurrent={limit!r} is invalid", "use an integer >= 1")
+    with get_client(sync_client=True) as client:
+        try:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))

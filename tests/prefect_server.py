@@ -86,11 +86,11 @@ class PrefectServer:
         return subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], capture_output=True, text=True,
                               env={**self.env, **(env or {})}, cwd=cwd, timeout=timeout)
 
-    def start_worker(self, pool: str, env: dict | None = None) -> subprocess.Popen:
+    def start_worker(self, pool: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.home / f"worker-{pool}.log", "w")
         proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
                                 stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
         self.workers.append(proc)
         return proc
 

@@ -41,12 +41,14 @@ def test_demo_without_shared_builds_a_tiny_model_and_says_so(tmp_path, monkeypat
 def test_verdict_table_rows_carry_metrics_and_reasons(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"runtime": "llama.cpp", "bits_per_weight": 4.5, "ppl": 38.1, "ppl_delta_pct": 0.2,
-                              "kl": 0.00123, "top1": 0.97}))
+                              "kl": 0.00123, "top1": 0.97,
+                              "speed": {"artifact": {"decode_tok_s": 412.3}, "decode_speedup": 1.61}}))
     table = demo.verdict_table([
         {"artifact": str(tmp_path / "gptq-w4-g32-gguf-Q4_0"), "passed": True, "reasons": [], "validation": str(ok)},
         {"artifact": str(tmp_path / "awq-w4-g128-asym-awq"), "passed": False, "reasons": ["kl 0.2 > 0.1"]},
     ])
     lines = table.splitlines()
     assert len(lines) == 4
-    assert "| gptq-w4-g32-gguf-Q4_0 | llama.cpp | 4.50 | 38.100 (+0.20) | 0.00123 | 0.9700 | PASS |" == lines[2]
+    assert "| gptq-w4-g32-gguf-Q4_0 | llama.cpp | 4.50 | 38.100 (+0.20) | 0.00123 | 0.9700 | 412 (1.61×) | PASS |" \
+        == lines[2]
     assert lines[3].startswith("| awq-w4-g128-asym-awq | — |") and lines[3].endswith("FAIL: kl 0.2 > 0.1 |")

@@ -33,7 +33,7 @@ def _plan(tmp_path, model: Path) -> Path:
     params.write_text(yaml.safe_dump({
         "models": [{"id": str(model)}],
         "calibration": {"data": [str(CALIB / "tiny.txt")], "n_samples": 4, "seqlen": 64, "seed": 0},
-        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256},
+        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256, "speed": False},
         "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32}, "formats": ["gptq"]},
                      {"method": "gptq", "options": {"bits": 8, "group_size": 32}, "formats": ["gptq"]}],
         "gates": {"min_top1": 0.0},
@@ -82,6 +82,50 @@ def test_workers_on_two_pools_run_the_per_method_flows_and_the_parent_collects_t
     model = run / tiny_model.name
     for name in ("rtn-w8-g32", "gptq-w8-g32"):
         assert (model / "quantized" / name / "turboquant.json").is_file()  # written by the workers
+        assert (model / "artifacts" / f"{name}-gptq" / "manifest.json").is_file()  # exported by the parent
+
+
+def test_workers_sharing_no_directory_hand_over_checkpoints_through_storage_by_url(tmp_path, server, tiny_model):
+    """Each worker runs in its own directory with its own scratch; the parent in a third. The calibration file
+    goes to the workers and each checkpoint comes back only through the storage URL, checked by sha256."""
+    import hashlib
+
+    store = tmp_path / "store"
+    for pool in ("cpu", "cuda"):
+        assert server.cli("work-pool", "create", pool, "--type", "process").returncode == 0
+    res = server.cli("deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "quantize-method-cpu",
+                     "--name", "quantize-method-cuda", cwd=ROOT, env={"TURBOQUANT_HOME": str(ROOT)})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for pool in ("cpu", "cuda"):
+        own = tmp_path / f"machine-{pool}"
+        own.mkdir()
+        server.start_worker(pool, cwd=own, env={"TURBOQUANT_HOME": str(ROOT), "OMP_NUM_THREADS": "1",
+                                                "TURBOQUANT_SCRATCH": str(own / "scratch"),
+                                                "TURBOQUANT_STORAGE": store.as_uri()})
+    parent = tmp_path / "machine-parent"
+    parent.mkdir()
+    run = parent / "run"
+    res = _turboquant_run(server, _plan(tmp_path, tiny_model), run, parent, TURBOQUANT_POOLS="cpu,cuda",
+                          TURBOQUANT_STORAGE=store.as_uri())
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 of 2 artifacts passed their gates" in res.stdout
+
+    children = [r for r in asyncio.run(_flow_runs(server.api_url)) if r["flow"] == "quantize_method"]
+    assert len(children) == 2 and all(r["state"] == "Completed" for r in children)
+    for r in children:  # the worker was told keys and URLs, never a path on the parent's disk
+        p = r["parameters"]
+        assert p["storage"] == store.as_uri() and str(parent) not in json.dumps(p)
+        assert not p["out"].startswith("/") and (p["calib_path"] is None or p["calib_path"].startswith("file://"))
+    sha = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()  # noqa: E731
+    model = run / tiny_model.name
+    for name, pool in (("rtn-w8-g32", "cpu"), ("gptq-w8-g32", "cuda")):
+        key = next(r["parameters"]["out"] for r in children if r["parameters"]["out"].endswith(name))
+        index = json.loads((store / key / ".turboquant-files.json").read_text())["files"]
+        arrived = model / "quantized" / name
+        assert index and {f.relative_to(arrived).as_posix(): sha(f) for f in arrived.rglob("*") if f.is_file()} \
+            == index  # every file arrived, byte for byte
+        made = tmp_path / f"machine-{pool}" / "scratch" / "turboquant-scratch" / key / "checkpoint"
+        assert {f.relative_to(made).as_posix(): sha(f) for f in made.rglob("*") if f.is_file()} == index
         assert (model / "artifacts" / f"{name}-gptq" / "manifest.json").is_file()  # exported by the parent
 
 

@@ -64,7 +64,7 @@ def params(tiny_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fault-plan") / "params.yaml"
     path.write_text(yaml.safe_dump({
         "models": [{"id": str(tiny_model)}],
-        "evaluation": {"text": str(HELDOUT), "ctx": 32, "max_tokens": 128},
+        "evaluation": {"text": str(HELDOUT), "ctx": 32, "max_tokens": 128, "speed": False},
         "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32},
                       "formats": ["compressed-tensors", {"format": "gguf", "gguf_type": "Q8_0"}]}],
     }))

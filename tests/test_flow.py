@@ -59,8 +59,19 @@ def test_flow_runs_the_plan_and_caches_a_rerun(tmp_path):
         assert (model / "artifacts" / f"rtn-w4-g32-{label}" / "manifest.json").is_file()
         v = json.loads((model / "eval" / f"rtn-w4-g32-{label}.json").read_text())
         assert v["verdict"]["passed"] and v["n_scored"] > 1000
-    assert json.loads((model / "eval" / "rtn-w4-g32-gguf-Q4_0.json").read_text())["runtime"] == "llama.cpp"
-    assert "| rtn-w4-g32-gguf-Q4_0 | gguf | llama.cpp |" in (model / "report.md").read_text()
+    gguf = json.loads((model / "eval" / "rtn-w4-g32-gguf-Q4_0.json").read_text())
+    assert gguf["runtime"] == "llama.cpp"
+    # speed against the float model in the same runtime: an F16 GGUF in llama.cpp, the float model in torch
+    speed = gguf["speed"]
+    assert speed["artifact"]["runtime"] == speed["reference"]["runtime"] == "llama.cpp"
+    assert speed["reference"]["path"].endswith("gguf-gguf_type=F16") and speed["artifact"]["decode_tokens"] == 32
+    assert speed["artifact"]["decode_tok_s"] > 0 and speed["artifact"]["model_rss_bytes"] > 0
+    assert speed["decode_speedup"] == speed["artifact"]["decode_tok_s"] / speed["reference"]["decode_tok_s"]
+    gptq = json.loads((model / "eval" / "rtn-w4-g32-gptq.json").read_text())["speed"]
+    assert gptq["artifact"]["runtime"] == "transformers + GPTQModel" and gptq["reference"]["runtime"] == "torch"
+    report = (model / "report.md").read_text()
+    assert "| rtn-w4-g32-gguf-Q4_0 | gguf | llama.cpp |" in report and "decode tok/s (× float)" in report
+    assert f"{speed['artifact']['decode_tok_s']:.1f} ({speed['decode_speedup']:.2f}×)" in report
     attached = subprocess.run([sys.executable, "-c", READ_ARTIFACT], capture_output=True, text=True, timeout=300,
                               env=_env(tmp_path), cwd=tmp_path)
     assert "| rtn-w4-g32-gptq | gptq |" in attached.stdout, attached.stderr[-2000:]  # the report, on the flow run
@@ -86,7 +97,7 @@ def test_a_failing_artifact_blocks_only_itself(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "models": [{"id": str(model)}],
-        "evaluation": {"text": str(HELDOUT), "ctx": 256, "max_tokens": 1024},
+        "evaluation": {"text": str(HELDOUT), "ctx": 256, "max_tokens": 1024, "speed": False},
         "quantize": [{"method": "rtn", "options": {"bits": 4, "group_size": 32, "symmetric": False},
                       "formats": ["gptq", "awq"]}],
     }))
@@ -109,7 +120,7 @@ def test_sigkill_mid_run_then_rerun_resumes_without_redoing_finished_tasks(tmp_p
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "models": [{"id": str(REF_MODEL)}],
-        "evaluation": {"text": str(HELDOUT), "ctx": 256, "max_tokens": 1024},
+        "evaluation": {"text": str(HELDOUT), "ctx": 256, "max_tokens": 1024, "speed": False},
         "quantize": [{"method": "rtn", "options": {"bits": 4, "group_size": 32},
                       "formats": ["gptq", "awq", {"format": "gguf", "gguf_type": "Q4_0"}]}],
     }))
@@ -141,7 +152,7 @@ def test_a_failed_gate_rolls_back_its_artifact_and_keeps_its_verdict(tmp_path, t
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "models": [{"id": str(tiny_model)}],
-        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 512},
+        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 512, "speed": False},
         "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32}, "formats": ["gptq"]},
                      {"method": "rtn", "options": {"bits": 2, "group_size": 32}, "formats": ["gptq"]}],
         "gates": {"max_kl": 0.05},

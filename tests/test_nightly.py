@@ -43,7 +43,7 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "models": [{"id": "org/replaced-by-each-release"}],
-        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256},
+        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256, "speed": False},
         "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32}, "formats": ["gptq"]}],
         "gates": {"min_top1": 0.0},
         "publish": {"enabled": True, "namespace": "tq", "token_secret": "hf-write-token"},
@@ -87,3 +87,49 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
             assert HUB_TOKEN.encode() not in path.read_bytes(), path
     for repo in hub.repos:
         assert all(HUB_TOKEN.encode() not in data for data in hub.files(repo).values()), repo
+
+
+def test_nightly_runs_releases_concurrently_within_the_limit_and_isolates_a_failure(tmp_path, hub_server,
+                                                                                    tiny_model):
+    """Ten watched releases at once under a limit of 3: runs overlap, never more than 3 at a time, and the one
+    release whose weights hold a NaN has its artifact rejected, naming it, while the nine others pass."""
+    from safetensors.torch import load_file, save_file
+
+    hub = hub_server.state
+    files = {p.name: p for p in tiny_model.iterdir() if p.is_file()}
+    broken = tmp_path / "broken.safetensors"
+    weights = next(n for n in files if n.endswith(".safetensors"))
+    state = load_file(files[weights])
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, broken, metadata={"format": "pt"})
+    for i in range(10):
+        hub.create_repo(f"fleet/tiny-{i:02d}", {**files, weights: broken} if i == 5 else files)
+    watch = tmp_path / "watch.yaml"
+    watch.write_text(yaml.safe_dump({"watch": [{"author": "fleet", "name_contains": "tiny", "limit": 20}]}))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "models": [{"id": "fleet/replaced-by-each-release"}],
+        "evaluation": {"text": str(HELDOUT), "ctx": 32, "max_tokens": 128, "speed": False},
+        "quantize": [{"method": "rtn", "options": {"bits": 8, "group_size": 32},
+                      "formats": [{"format": "gguf", "gguf_type": "Q8_0"}]}],
+        "gates": {"min_top1": 0.0},
+    }))
+    res = subprocess.run([sys.executable, "-m", "turboquant.cli", "nightly", "--watch", str(watch), "--params",
+                          str(params), "--runs-root", str(tmp_path / "nightly"), "--max-concurrent", "3"],
+                         capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    outcomes = {o["repo_id"]: o for o in json.loads((tmp_path / "nightly" / "last-nightly.json").read_text())}
+    assert len(outcomes) == 10 and {o["status"] for o in outcomes.values()} == {"processed"}
+    broken_run = outcomes.pop("fleet/tiny-05")  # its one artifact is rejected, naming the NaN; the others pass
+    assert broken_run["passed"] == 0 and "NaN" in " ".join(broken_run["rejected"]["rtn-w8-g32-gguf-Q8_0"])
+    assert all(o["passed"] == 1 and not o["rejected"] for o in outcomes.values())
+    assert "processed fleet/tiny-05@" in res.stdout and "(0 approved)" in res.stdout, res.stderr[-3000:]
+    outcomes = [broken_run, *outcomes.values()]
+    events = sorted([(o["started"], 1) for o in outcomes] + [(o["finished"], -1) for o in outcomes])
+    running, most = 0, 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    assert 2 <= most <= 3, most  # they overlap, and the limit held
+    ledger = (tmp_path / "nightly" / "processed.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["repo_id"] for line in ledger) == sorted(o["repo_id"] for o in outcomes)

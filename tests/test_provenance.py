@@ -42,7 +42,7 @@ def params(tiny_model: Path, rtn_options: dict) -> dict:
     return {
         "models": [{"id": str(tiny_model)}],
         "calibration": {"data": [str(CALIB / "tiny.txt")], "n_samples": 4, "seqlen": 32, "seed": 0},
-        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256, "tasks": []},
+        "evaluation": {"text": str(HELDOUT), "ctx": 64, "max_tokens": 256, "tasks": [], "speed": False},
         "quantize": [
             {"name": "gptq4", "method": "gptq", "options": {"bits": 4, "group_size": 32},
              "formats": [{"format": "gguf", "gguf_type": "Q4_0"}]},

@@ -185,6 +185,8 @@ def validate(
     gate: list[str] = typer.Option([], "--gate", help="Gate override key=value, e.g. max_kl=0.05 (null disables)."),
     baseline_cache: Optional[Path] = typer.Option(None, help="File caching the baseline's distributions."),
     json_out: Path = typer.Option(..., "--json", help="Where to write metrics + verdict (JSON)."),
+    speed: bool = typer.Option(True, help="Also time prompt and greedy decode and measure peak memory, against the "
+                                          "unquantized model in the same runtime."),
     device: Optional[str] = typer.Option(
         None, help="Device for the torch runtimes: auto, cpu, cuda, cuda:N or mps (default: $TURBOQUANT_DEVICE, "
                    "else auto)."),
@@ -192,18 +194,22 @@ def validate(
     """Measure ARTIFACT in its own runtime against BASELINE and apply the gates; exit 3 when a gate fails."""
     from turboquant.quality.gates import Gates
     from turboquant.io.model import resolve_model
+    from turboquant.quality.speed import speed_line
     from turboquant.quality.validate import recorded_bits, validate as run_validate, write_validation
 
     overrides = parse_options(gate)
     gates = Gates.for_bits(recorded_bits(artifact) or 16, **overrides) if overrides else None
     metrics = run_validate(artifact, resolve_model(baseline).path, text, ctx=ctx, long_ctx=long_ctx,
                            max_tokens=max_tokens, tasks=tuple(tasks), task_limit=task_limit, gates=gates,
-                           baseline_cache=baseline_cache, progress=sys.stderr.isatty(), device=device)
+                           baseline_cache=baseline_cache, progress=sys.stderr.isatty(), device=device,
+                           speed=speed)
     write_validation(metrics, json_out)
     verdict = metrics["verdict"]
     line = (f"{metrics['format']} in {metrics['runtime']}: ppl {metrics['ppl']:.4f} ({metrics['ppl_delta_pct']:+.2f}%), "
             f"KL {metrics['kl']:.6f}, top-1 {metrics['top1']:.4f}, {metrics['bits_per_weight']:.2f} bits/weight")
     typer.echo(line)
+    if "speed" in metrics:
+        typer.echo(speed_line(metrics["speed"]))
     if not verdict["passed"]:
         typer.echo(f"turboquant: gate failed: {'; '.join(verdict['reasons'])}", err=True)
         raise typer.Exit(EXIT_GATE_FAILED)
@@ -413,7 +419,7 @@ def stage_evaluate(key: str = typer.Argument(..., help="MODEL--NAME--LABEL (dvc/
                  text=Path(ev.text), ctx=ev.ctx, long_ctx=None, max_tokens=ev.max_tokens,
                  tasks=list(ev.tasks or []), task_limit=ev.task_limit,
                  gate=[f"{k}={json.dumps(v)}" for k, v in sorted(s["gates"].items())],
-                 baseline_cache=Path(s["baseline_cache"]), json_out=Path(s["out"]))
+                 baseline_cache=Path(s["baseline_cache"]), json_out=Path(s["out"]), speed=ev.speed, device=None)
     except typer.Exit as e:
         if e.exit_code != EXIT_GATE_FAILED:
             raise

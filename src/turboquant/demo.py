@@ -73,16 +73,19 @@ def demo_plan(out: Path, model: Path | None = None, text: Path | None = None, ma
 
 def verdict_table(verdicts: list[dict[str, Any]]) -> str:
     """One row per artifact of a run (the flow's verdicts): runtime, bits per weight, perplexity change, KL vs the
-    float model, top-1 agreement, and the gate verdict with its reasons."""
-    rows = ["| artifact | runtime | bits/weight (file) | ppl (Δ %) | KL vs float | top-1 | gates |",
-            "|---|---|---:|---:|---:|---:|---|"]
+    float model, top-1 agreement, greedy decode tok/s with its ratio to the float model in the same runtime, and
+    the gate verdict with its reasons."""
+    rows = ["| artifact | runtime | bits/weight (file) | ppl (Δ %) | KL vs float | top-1 | decode tok/s (× float) "
+            "| gates |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for v in verdicts:
         path = Path(v["validation"]) if v.get("validation") else None
         m = json.loads(path.read_text()) if path is not None and path.is_file() else {}
         passed = "PASS" if v["passed"] else "FAIL: " + "; ".join(v.get("reasons") or [])
+        speed = m.get("speed") or {}
+        decode = (f"{speed['artifact']['decode_tok_s']:.0f} ({speed['decode_speedup']:.2f}×)" if speed else "—")
         rows.append(f"| {Path(v['artifact']).name} | {m.get('runtime', '—')} | {_num(m.get('bits_per_weight'), '.2f')} "
                     f"| {_num(m.get('ppl'), '.3f')} ({_num(m.get('ppl_delta_pct'), '+.2f')}) | "
-                    f"{_num(m.get('kl'), '.5f')} | {_num(m.get('top1'), '.4f')} | {passed} |")
+                    f"{_num(m.get('kl'), '.5f')} | {_num(m.get('top1'), '.4f')} | {decode} | {passed} |")
     return "\n".join(rows)
 
 

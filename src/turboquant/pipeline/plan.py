@@ -121,13 +121,13 @@ class CalibrationSection(Section):
 
 @dataclass(frozen=True)
 class EvaluationSection(Section):
-    """What every artifact is validated on: held-out text, window length, token budget, lm-eval tasks."""
+    """What every artifact is validated on: held-out text, window length, token budget, lm-eval tasks, speed."""
 
     NAME: ClassVar[str] = "evaluation"
     TYPES: ClassVar[dict] = {"text": ((str, type(None)), "heldout.txt"), "ctx": ((int,), "512"),
                              "max_tokens": ((int, type(None)), "16384"),
                              "tasks": ((list, tuple, type(None)), "[tq_wiki_ppl]"),
-                             "task_limit": ((int, type(None)), "100")}
+                             "task_limit": ((int, type(None)), "100"), "speed": ((bool,), "true")}
     POSITIVE: ClassVar[frozenset[str]] = frozenset({"ctx", "max_tokens", "task_limit"})
 
     text: str | None = None
@@ -135,6 +135,8 @@ class EvaluationSection(Section):
     max_tokens: int | None = None
     tasks: tuple[str, ...] | None = ()
     task_limit: int | None = None
+    #: time prompt and decode and measure peak memory per artifact, against the float model in its runtime
+    speed: bool = True
 
 
 @dataclass(frozen=True)

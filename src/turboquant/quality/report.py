@@ -130,12 +130,24 @@ def _rows(vals: list[dict[str, Any]]) -> list[list[str]]:
         rows.append([artifact_name(v), v["format"], v["runtime"], _fmt(v.get("bits"), "g"),
                      f"{v['size_bytes'] / 1e6:.1f}", _fmt(v.get("bits_per_weight"), ".2f"),
                      f"{v['ppl']:.4f} ({v['ppl_delta_pct']:+.2f}%)", f"{v['kl']:.6f}", f"{v['top1']:.4f}",
-                     _fmt(v.get("long_ppl_delta_pct"), "+.2f"), tasks or "—", verdict])
+                     _fmt(v.get("long_ppl_delta_pct"), "+.2f"), tasks or "—", *_speed_cells(v.get("speed")),
+                     verdict])
     return rows
 
 
+def _speed_cells(speed: dict[str, Any] | None) -> list[str]:
+    """Prompt and decode tok/s with their ratio to the float model in the same runtime, and peak model memory."""
+    if not speed:
+        return ["—", "—", "—"]
+    a = speed["artifact"]
+    memory = f"{a['model_rss_bytes'] / 2**20:.0f}" + (f" ({speed['memory_ratio']:.2f}×)" if speed.get("memory_ratio")
+                                                      else "")
+    return [f"{a['prompt_tok_s']:.0f} ({speed['prompt_speedup']:.2f}×)",
+            f"{a['decode_tok_s']:.1f} ({speed['decode_speedup']:.2f}×)", memory]
+
+
 HEADER = ["artifact", "format", "runtime", "bits", "MB", "bits/weight", "ppl (Δ)", "KL", "top-1", "long-ctx Δppl %",
-          "tasks (Δ points)", "verdict"]
+          "tasks (Δ points)", "prompt tok/s (× float)", "decode tok/s (× float)", "memory MiB (× float)", "verdict"]
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:

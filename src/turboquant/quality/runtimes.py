@@ -10,6 +10,7 @@ CUDA kernels take it in float16 there); llama.cpp offloads to the GPU it was bui
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -111,6 +112,13 @@ def _bitsandbytes(path: Path, device: torch.device) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, device_map=str(device), dtype=kernel_dtype(device)).eval()
 
 
+#: llama-cpp-python points the process's stdout / stderr file descriptors at /dev/null while it loads a model
+#: (``verbose=False``) and back afterwards; two threads loading at once can restore each other's /dev/null and
+#: leave them there for good (seen: a nightly with concurrent GGUF validations lost all its later output), so
+#: loads take turns.
+_LLAMA_LOADS = threading.Lock()
+
+
 class LlamaCppScorer:
     """A GGUF file in llama.cpp (llama-cpp-python): logits for every position of a window."""
 
@@ -119,7 +127,8 @@ class LlamaCppScorer:
 
         self.path = gguf
         self._llama_cpp = llama_cpp
-        probe = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        with _LLAMA_LOADS:
+            probe = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
         try:
             self.vocab_size = probe.n_vocab()
             self.context = context or int(probe.metadata.get(f"{probe.metadata['general.architecture']}"
@@ -135,9 +144,10 @@ class LlamaCppScorer:
             if self._llm is not None:
                 self._llm.close()
             threads = max(1, torch.get_num_threads())
-            self._llm = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=n, n_batch=n, n_ubatch=n,
-                                              logits_all=True, n_threads=threads, verbose=False, seed=0,
-                                              n_gpu_layers=self.gpu_layers)
+            with _LLAMA_LOADS:
+                self._llm = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=n, n_batch=n, n_ubatch=n,
+                                                  logits_all=True, n_threads=threads, verbose=False, seed=0,
+                                                  n_gpu_layers=self.gpu_layers)
             self._n_ctx = n
         return self._llm
 
@@ -149,20 +159,23 @@ class LlamaCppScorer:
         llm.eval(ids.tolist())
         return torch.from_numpy(np.array(llm.scores[: ids.numel()], dtype=np.float32))
 
-    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float]:
-        """Seconds of the prefill of ``prompt`` (one batch) and of ``n_new`` greedy steps on llama.cpp's KV cache."""
+    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float, list[int]]:
+        """Seconds of the prefill of ``prompt`` (one batch) and of ``n_new`` greedy steps on llama.cpp's KV cache,
+        and the tokens."""
         import time
 
         import numpy as np
 
         llm = self._model(int(prompt.numel()) + n_new)
         llm.reset()
+        tokens = []
         t0 = time.perf_counter()
         llm.eval(prompt.tolist())
         t1 = time.perf_counter()
         for _ in range(n_new):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        return t1 - t0, time.perf_counter() - t1
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([tokens[-1]])
+        return t1 - t0, time.perf_counter() - t1, tokens
 
 
 @register_runtime("gguf", "llama.cpp")
@@ -191,22 +204,25 @@ class MlxScorer:
         out = self.model(mx.array([ids.tolist()])).astype(mx.float32)
         return torch.from_numpy(np.array(out)[0])
 
-    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float]:
-        """Seconds of the prefill and of ``n_new`` greedy steps on mlx-lm's prompt cache."""
+    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float, list[int]]:
+        """Seconds of the prefill and of ``n_new`` greedy steps on mlx-lm's prompt cache, and the tokens."""
         import time
 
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
+        tokens = []
         t0 = time.perf_counter()
         logits = self.model(mx.array([prompt.tolist()]), cache=cache)
         mx.eval(logits)
         t1 = time.perf_counter()
         for _ in range(n_new):
-            logits = self.model(mx.argmax(logits[:, -1, :], axis=-1)[:, None], cache=cache)
+            token = mx.argmax(logits[:, -1, :], axis=-1)
+            logits = self.model(token[:, None], cache=cache)
             mx.eval(logits)
-        return t1 - t0, time.perf_counter() - t1
+            tokens.append(int(token.item()))
+        return t1 - t0, time.perf_counter() - t1, tokens
 
 
 class OnnxScorer:
@@ -230,9 +246,9 @@ class OnnxScorer:
         out = self.session.run(None, {"input_ids": batch, "attention_mask": np.ones_like(batch)})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32)[0])
 
-    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float]:
-        """Seconds of the prefill and of ``n_new`` greedy steps. The exported graph has no KV-cache inputs, so each
-        step runs the whole sequence again: what a user of this artifact gets."""
+    def greedy_timing(self, prompt: torch.Tensor, n_new: int) -> tuple[float, float, list[int]]:
+        """Seconds of the prefill and of ``n_new`` greedy steps, and the tokens. The exported graph has no KV-cache
+        inputs, so each step runs the whole sequence again: what a user of this artifact gets."""
         import time
 
         ids = prompt.clone()
@@ -242,7 +258,7 @@ class OnnxScorer:
         for _ in range(n_new):
             ids = torch.cat([ids, logits[-1].argmax().reshape(1)])
             logits = self.logits(ids)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, ids[prompt.numel():].tolist()
 
 
 @register_runtime("mlx", "MLX (mlx-lm)")

@@ -9,6 +9,7 @@ The verdict applies the gates (defaults by the artifact's bit width, see ``gates
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from turboquant.quality.evaluate import BaselineLogits, evaluate_many, model_con
 from turboquant.quality.gates import Gates, judge
 from turboquant.quality.lmeval import run_tasks
 from turboquant.quality.runtimes import artifact_format, open_runtime
+from turboquant.quality.speed import compare, PROMPT_TOKENS
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".onnx_data", ".data", ".npz")
 #: lm-eval metrics scored as accuracies (0-1, higher is better): their drop is gated, in points.
@@ -99,9 +101,13 @@ def validate(
     baseline_cache: str | Path | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    speed: bool = False,
 ) -> dict[str, Any]:
     """Metrics and verdict for ``artifact`` against ``baseline`` (the unquantized model) on ``text``; the artifact's
-    runtime and the baseline run on ``device`` (``device.resolve_device``) where the runtime runs on torch."""
+    runtime and the baseline run on ``device`` (``device.resolve_device``) where the runtime runs on torch.
+
+    ``speed``: also prompt and greedy-decode throughput and peak memory in the runtime, against the unquantized
+    model in the same runtime (``quality.speed``; its float reference is cached beside ``baseline_cache``)."""
     artifact, baseline = Path(artifact), Path(baseline)
     dev = resolve_device(device)
     fmt = artifact_format(artifact)
@@ -134,12 +140,27 @@ def validate(
     metrics.update(size_bytes=size, params=params, bits_per_weight=8.0 * size / params if params else None)
     if tasks:
         metrics["tasks"] = _tasks(runtime, base_model, tokenizer, tasks, task_limit, baseline_cache)
+    if speed:
+        metrics["speed"] = _speed(artifact, baseline, ids, baseline_cache, dev)
     bits = recorded_bits(artifact)
     gates = gates or Gates.for_bits(bits or 16)
     verdict = judge(metrics, gates)
     metrics["bits"] = bits
     metrics["verdict"] = verdict.to_dict()
     return metrics
+
+
+def _speed(artifact: Path, baseline: Path, ids: torch.Tensor, cache: str | Path | None,
+           device: torch.device) -> dict[str, Any]:
+    """``speed.compare`` on the first ``PROMPT_TOKENS`` tokens of the evaluation text."""
+    prompt = ids[:PROMPT_TOKENS]
+    if prompt.numel() < 8:
+        raise DataError(f"the evaluation text has {ids.numel()} tokens, too few to time a prompt",
+                        "pass a longer text, or validate without speed")
+    if cache is not None:
+        return compare(artifact, baseline, prompt, Path(cache).parent / "reference", device=str(device))
+    with tempfile.TemporaryDirectory(prefix="turboquant-reference-") as work:
+        return compare(artifact, baseline, prompt, Path(work), device=str(device))
 
 
 def _vocab(runtime, base_model) -> int:

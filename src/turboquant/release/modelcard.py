@@ -27,7 +27,7 @@ LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers", "compr
            "mlx": "mlx", "onnx": "onnx"}
 #: Validation metrics copied into a record (and so into the card).
 METRIC_KEYS = ("ppl", "baseline_ppl", "ppl_delta_pct", "kl", "top1", "ctx", "n_scored", "long_ctx", "long_ppl",
-               "long_ppl_delta_pct", "size_bytes", "params", "bits_per_weight", "bits", "runtime")
+               "long_ppl_delta_pct", "size_bytes", "params", "bits_per_weight", "bits", "runtime", "device", "speed")
 
 
 def naming_bits(manifest: dict[str, Any], validation: dict[str, Any] | None = None) -> int | None:
@@ -242,8 +242,9 @@ def card_body(repo_id: str, records: list[dict[str, Any]], *, base_model: str | 
     text = first.get("eval_text")
     lines += ["", f"Measured in each artifact's own runtime ({first['metrics'].get('runtime', '-')}) on `{text}` at "
               f"context {first['metrics'].get('ctx', '-')}; KL is the mean KL divergence of the next-token "
-              "distribution from the base model's, top-1 the agreement of their argmax.", "",
-              "## Usage", "", usage_snippet(first["format"], repo_id, records), "## Reproduce", ""]
+              "distribution from the base model's, top-1 the agreement of their argmax.", ""]
+    lines += speed_section(records)
+    lines += ["## Usage", "", usage_snippet(first["format"], repo_id, records), "## Reproduce", ""]
     for r in records:
         calib = r.get("calibration_sha256")
         lines += [f"**{r['entry']}**: calibration data sha256 `{calib}`" if calib
@@ -252,6 +253,29 @@ def card_body(repo_id: str, records: list[dict[str, Any]], *, base_model: str | 
     lines += ["Every file's sha256 is listed in the artifact's manifest "
               f"(`manifest.json`, or `{RECORD_DIR}/<file>.json` for shared repos).", ""]
     return "\n".join(lines)
+
+
+def speed_section(records: list[dict[str, Any]]) -> list[str]:
+    """The speed table: each artifact's prompt and greedy-decode throughput and memory in its runtime, against the
+    unquantized model in the same runtime on the same prompt (empty when no speed was measured)."""
+    timed = [r for r in records if (r["metrics"].get("speed") or {}).get("artifact")]
+    if not timed:
+        return []
+    lines = ["## Speed", "", "| Artifact | Runtime | Device | Prompt tok/s (× base) | Decode tok/s (× base) | "
+             "Memory (× base) |", "|---|---|---|---|---|---|"]
+    for r in timed:
+        sp = r["metrics"]["speed"]
+        a = sp["artifact"]
+        memory = _size(a["model_rss_bytes"]) + (f" ({sp['memory_ratio']:.2f}×)" if sp.get("memory_ratio") else "")
+        lines.append(f"| {r['entry']} | {a['runtime']} | {a['device']} | {a['prompt_tok_s']:.0f} "
+                     f"({sp['prompt_speedup']:.2f}×) | {a['decode_tok_s']:.1f} ({sp['decode_speedup']:.2f}×) | "
+                     f"{memory} |")
+    a = timed[0]["metrics"]["speed"]["artifact"]
+    lines += ["", f"A prompt of {a['prompt_tokens']} tokens, then {a['decode_tokens']} greedy tokens on the "
+              "runtime's KV cache, each artifact in a fresh process; the base is the unquantized model in the same "
+              "runtime (GGUF F16 for llama.cpp, float MLX, float ONNX, the float model in torch for the "
+              "transformers formats). Memory is the process's peak resident memory above its start.", ""]
+    return lines
 
 
 def build_card(repo_id: str, records: list[dict[str, Any]], *, base_model: str | None = None,
