@@ -113,6 +113,19 @@ def test_compressed_tensors_symmetric_loads_in_transformers(qroot, tmp_path, ids
     assert r["max_abs"] < 1e-3 and r["kl"] < 1e-6, r  # decompressed to float32 weights: exact up to matmul order
 
 
+def test_an_asymmetric_compressed_tensors_artifact_validates_in_its_decompressing_runtime(qroot, tmp_path):
+    """transformers cannot load it (below), so validation decompresses it with compressed-tensors itself: the
+    same distributions as the canonical checkpoint's, and the runtime says what it was."""
+    from turboquant.quality.validate import validate
+
+    qdir = _quantized(qroot, "w4g128asym", "rtn", bits=4, group_size=128, symmetric=False)
+    art = export(qdir, "compressed-tensors", tmp_path / "ct")
+    ours = validate(art, REF_MODEL, HELDOUT, ctx=256, max_tokens=1024, speed=False)
+    canonical = validate(qdir, REF_MODEL, HELDOUT, ctx=256, max_tokens=1024, speed=False)
+    assert ours["runtime"] == "compressed-tensors (decompressed in torch)" and ours["verdict"]["passed"]
+    assert ours["kl"] == pytest.approx(canonical["kl"], rel=1e-5) and 0 < ours["kl"] < 0.01
+
+
 def test_compressed_tensors_asymmetric_decompresses_exactly(qroot, tmp_path):
     """compressed-tensors' own decompressor reproduces our weights bit for bit, packed zero points included.
 

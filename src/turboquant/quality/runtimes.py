@@ -20,6 +20,7 @@ from turboquant.errors import ModelLoadError
 from turboquant.formats.onnx import MODEL_FILE
 from turboquant.io.checkpoint import METADATA_FILE
 from turboquant.io.loaders import load_model
+from turboquant.io.skeleton import build_skeleton, materialize
 from turboquant.io.manifest import find_manifest
 from turboquant.quality.bnb import artifact_quantization
 from turboquant.quality.evaluate import Scorer
@@ -61,7 +62,8 @@ def open_runtime(path: str | Path, device: torch.device = torch.device("cpu"), f
         raise ModelLoadError(f"no runtime is registered for format '{fmt}'",
                              f"validate one of: {', '.join(sorted(RUNTIMES))}")
     name, opener = RUNTIMES[fmt]
-    return name, opener(path, device)
+    opened = opener(path, device)
+    return opened if isinstance(opened, tuple) else (name, opened)
 
 
 @register_runtime("canonical", "torch (dequantized)")
@@ -70,9 +72,55 @@ def _torch(path: Path, device: torch.device) -> torch.nn.Module:
     return load_model(path).to(device).eval()
 
 
+@register_runtime("compressed-tensors", "transformers + compressed-tensors")
+def _compressed_tensors(path: Path, device: torch.device):
+    """transformers loads symmetric pack-quantized checkpoints; an asymmetric one it cannot (5.23 sizes
+    ``weight_zero_point`` unpacked before decompressing, llm-compressor's own output too), so that one is
+    decompressed by compressed-tensors itself — the library vLLM's loader mirrors — into the float model."""
+    if not _asymmetric_groups(path):
+        return _transformers(path, device)
+    return "compressed-tensors (decompressed in torch)", _decompressed(path, device)
+
+
+def _asymmetric_groups(path: Path) -> bool:
+    qcfg = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    return any((g.get("weights") or {}).get("symmetric") is False for g in (qcfg.get("config_groups") or {}).values())
+
+
+def _decompressed(path: Path, device: torch.device) -> torch.nn.Module:
+    """The float model whose every packed linear is ``PackedQuantizationCompressor.decompress``-ed with the scheme
+    of the config group that targets it."""
+    import re
+
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    qcfg = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    groups = [(g["targets"], QuantizationScheme(targets=g["targets"], weights=g["weights"]))
+              for g in qcfg["config_groups"].values()]
+
+    def scheme_of(module: str) -> QuantizationScheme:
+        for targets, scheme in groups:
+            if any(t == "Linear" or t == module or (t.startswith("re:") and re.fullmatch(t[3:], module))
+                   for t in targets):
+                return scheme
+        raise ModelLoadError(f"no config group of {path} targets {module}", "re-export the artifact")
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(f))
+    packed = sorted(k.removesuffix(".weight_packed") for k in state if k.endswith(".weight_packed"))
+    for module in packed:
+        parts = {k.removeprefix(module + "."): state.pop(k) for k in list(state) if k.startswith(module + ".")}
+        state[module + ".weight"] = PackedQuantizationCompressor.decompress(parts, scheme_of(module))["weight"]
+    model = build_skeleton(Path(path), dtype=torch.float32, real_buffers=True)
+    materialize(model, state, dtype=torch.float32)
+    return model.to(device).eval()
+
+
 @register_runtime("gptq", "transformers + GPTQModel")
 @register_runtime("awq", "transformers + GPTQModel")
-@register_runtime("compressed-tensors", "transformers + compressed-tensors")
 def _transformers(path: Path, device: torch.device) -> torch.nn.Module:
     import os
 
