@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,14 @@ def test_flow_runs_the_plan_and_caches_a_rerun(tmp_path):
     attached = subprocess.run([sys.executable, "-c", READ_ARTIFACT], capture_output=True, text=True, timeout=300,
                               env=_env(tmp_path), cwd=tmp_path)
     assert "| rtn-w4-g32-gptq | gptq |" in attached.stdout, attached.stderr[-2000:]  # the report, on the flow run
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for label in ("gptq", "gguf-Q4_0"):  # an artifact the flow made rebuilds byte for byte, from another directory
+        rebuilt = subprocess.run([sys.executable, "-m", "turboquant.cli", "reproduce",
+                                  str(model / "artifacts" / f"rtn-w4-g32-{label}" / "manifest.json")],
+                                 capture_output=True, text=True, cwd=elsewhere, timeout=900)
+        same = re.search(r"(\d+) of (\d+) files identical", rebuilt.stdout)
+        assert rebuilt.returncode == 0 and same and same[1] == same[2], rebuilt.stdout[-2000:] + rebuilt.stderr[-2000:]
     stamp = (model / "quantized" / "rtn-w4-g32" / "turboquant.json").stat().st_mtime_ns
     again = _run(tmp_path, params, run)
     assert again.returncode == 0, again.stderr[-3000:]

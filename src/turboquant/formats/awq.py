@@ -20,7 +20,7 @@ import torch
 
 from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, has_act_order, has_fractional_zero, register_format, write_packed_shards, source_config,
+    FormatError, refuse_experts, has_act_order, has_fractional_zero, register_format, write_packed_shards, source_config,
     uniform_scheme, write_json,
 )
 from turboquant.tensor import QuantizedTensor, QuantScheme
@@ -29,6 +29,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
+    refuse_experts(ckpt, "awq", "transformers 5.23 + GPTQModel 7.6 leave per-expert AWQ tensors unloaded (the experts are fused 3-D parameters there, randomly initialised)")
     scheme = uniform_scheme(ckpt, "awq")
     if scheme.bits != 4:
         raise FormatError(f"the AWQ GEMM layout holds 4-bit codes only, not {scheme.bits}-bit",

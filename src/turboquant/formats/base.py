@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from turboquant.io.experts import expert_of
 from turboquant.io.files import CARRIED_FILE_PATTERNS, matching_files
 from turboquant.io.checkpoint import METADATA_FILE, QuantizedCheckpoint, ShardWriter
 from turboquant import faults
@@ -183,6 +184,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def refuse_experts(ckpt: QuantizedCheckpoint, fmt: str, why: str) -> None:
+    """Refuse a mixture-of-experts checkpoint for a format whose runtime here would not load its experts
+    quantized (``why`` names the runtime and what it does instead)."""
+    experts = [m for m in ckpt.modules if expert_of(m) is not None]
+    if experts:
+        raise FormatError(f"the {fmt} export of '{ckpt.config.get('model_type')}' cannot carry its {len(experts)} "
+                          f"expert linears: {why}", "export compressed-tensors for mixture-of-experts releases")
+
+
 def source_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
     """The model's config.json as stored in the canonical checkpoint, without TurboQuant's own keys."""
     config = dict(ckpt.config)
@@ -191,5 +201,5 @@ def source_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
 
 
 __all__ = ["FORMATS", "MANIFEST_FILE", "METADATA_FILE", "FormatError", "FormatSpec", "Shard", "carry_files", "export",
-           "get_format", "has_act_order", "has_fractional_zero", "iter_shards", "register_format", "schemes",
+           "get_format", "has_act_order", "has_fractional_zero", "iter_shards", "refuse_experts", "register_format", "schemes",
            "uniform_scheme", "write_packed_shards"]

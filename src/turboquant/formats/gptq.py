@@ -30,7 +30,7 @@ import torch
 
 from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, has_fractional_zero, register_format, schemes, write_packed_shards, source_config, write_json,
+    FormatError, refuse_experts, has_fractional_zero, register_format, schemes, write_packed_shards, source_config, write_json,
 )
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_words
 
@@ -39,6 +39,7 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
+    refuse_experts(ckpt, "gptq", "transformers 5.23 + GPTQModel 7.6 leave per-expert GPTQ tensors unloaded (the experts are fused 3-D parameters there, randomly initialised)")
     found = schemes(ckpt)
     if not found:
         raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",

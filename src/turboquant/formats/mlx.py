@@ -41,7 +41,7 @@ import torch
 from turboquant.errors import first_line
 from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, has_act_order, register_format, write_packed_shards, schemes, source_config, write_json,
+    FormatError, refuse_experts, has_act_order, register_format, write_packed_shards, schemes, source_config, write_json,
 )
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_words
 
@@ -91,6 +91,7 @@ def _mlx_lm_version() -> str:
 
 
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
+    refuse_experts(ckpt, "mlx", "mlx-lm stacks expert weights into SwitchGLU tensors and this writer does not stack quantized experts yet")
     check_family(ckpt.config)
     if not schemes(ckpt):
         raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",
@@ -155,12 +156,25 @@ def mlx_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
     top-level keys mlx-lm's model classes read (they ignore ``rope_parameters``)."""
     config = source_config(ckpt)
     config.update({k: v for k, v in mlx_rope_keys(config).items() if k not in config})
+    config.update({k: v for k, v in hub_key_aliases(config).items() if k not in config})
     has_head = any(name.startswith("lm_head.") for name in ckpt.tensors.tensors)
     config.setdefault("tie_word_embeddings", not has_head)  # mlx-lm's default is True, transformers' often False
     qcfg = quantization_config(ckpt)
     config["quantization"] = qcfg
     config["quantization_config"] = dict(qcfg)
     return config
+
+
+def hub_key_aliases(config: dict[str, Any]) -> dict[str, Any]:
+    """Config keys under the names the family's Hub configs use where transformers 5 saves another (its config
+    class's ``attribute_map``: Qwen3-MoE's ``num_experts`` is saved as ``num_local_experts``); mlx-lm reads those."""
+    from transformers import AutoConfig
+
+    try:
+        cls = type(AutoConfig.for_model(str(config.get("model_type"))))
+    except ValueError:
+        return {}
+    return {alias: config[name] for alias, name in getattr(cls, "attribute_map", {}).items() if name in config}
 
 
 def mlx_rope_keys(config: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch
 
 from turboquant.io.checkpoint import QuantizedCheckpoint
 from turboquant.formats.base import (
-    FormatError, has_act_order, iter_shards, register_format, schemes, source_config, write_json,
+    FormatError, refuse_experts, has_act_order, iter_shards, register_format, schemes, source_config, write_json,
 )
 from turboquant.io.skeleton import build_skeleton, materialize
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_bits, unpack_bits
@@ -58,6 +58,7 @@ def block_size(scheme: QuantScheme, in_features: int) -> int:
 
 
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
+    refuse_experts(ckpt, "onnx", "torch.export cannot trace the data-dependent expert routing")
     if not schemes(ckpt):
         raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",
                           "quantize with a weight method (rtn, gptq, awq, hqq) before exporting to onnx")

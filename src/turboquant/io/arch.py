@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from turboquant.errors import first_line, ModelLoadError
+from turboquant.io.experts import expert_modules, router_names
 from turboquant.io.skeleton import build_skeleton
 
 
@@ -67,6 +68,12 @@ class ArchSpec:
     n_layers: int | None = None
     groups: tuple[LinearGroup, ...] | None = None
     layout: BlockLayout | None = None
+    #: modules routing tokens between experts, kept in high precision by design (``io.experts.router_names``)
+    routers: tuple[str, ...] = ()
+    #: experts per mixture-of-experts module (0: a dense family)
+    n_experts: int = 0
+    #: each block's linears when blocks differ (DeepSeek's dense first layers before its MoE ones); else None
+    block_linears: tuple[tuple[str, ...], ...] | None = None
 
     @property
     def discovered(self) -> bool:
@@ -74,6 +81,14 @@ class ArchSpec:
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_prefix}.{index}."
+
+    def linears_at(self, index: int) -> tuple[str, ...]:
+        """Block ``index``'s linears (names relative to the block)."""
+        return self.block_linears[index] if self.block_linears is not None else self.linears
+
+    def linear_names(self) -> list[str]:
+        """Every planned linear of the model, by full name, block by block."""
+        return [f"{self.block_prefix(i)}{n}" for i in range(self.n_layers or 0) for n in self.linears_at(i)]
 
     def with_layers(self, n_layers: int) -> "ArchSpec":
         return replace(self, n_layers=n_layers)
@@ -130,26 +145,54 @@ def discover(config: dict, config_dir: Path) -> ArchSpec:
             "restore the model's config.json from its repo",
         ) from None
     prefix, blocks = _decoder_blocks(skeleton, model_type)
-    linears = tuple(n for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear))
-    owned = {f"{n}.weight" for n in linears}
-    for name, p in blocks[0].named_parameters():
-        if p.dim() >= 2 and name not in owned:
-            raise ModelLoadError(
-                f"'{model_type}' block weight {name} {tuple(p.shape)} is not an nn.Linear and would stay unquantized",
-                "this family needs a dedicated entry (fused or expert weights are not supported yet)",
-            )
-    if not linears:
-        raise ModelLoadError(f"the decoder blocks of '{model_type}' hold no nn.Linear layers",
-                             "this family stores its projections in another module type, which is not supported")
-    for i, block in enumerate(blocks):
-        mine = tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
-        if mine != linears:
+    per_block = tuple(_block_linears(block, router_names(block)) for block in blocks)
+    routers = tuple(dict.fromkeys(r for block in blocks for r in router_names(block)))
+    linears = per_block[0]
+    checked: set[tuple[str, ...]] = set()
+    for i, (block, mine) in enumerate(zip(blocks, per_block)):
+        if mine != linears and not _differ_in_feed_forward(block, blocks[0]):
             extra = sorted(set(mine) ^ set(linears))
             raise ModelLoadError(
                 f"decoder block {i} of '{model_type}' has other linear layers than block 0 ({', '.join(extra[:3])})",
-                "heterogeneous block stacks (e.g. mixture-of-experts with dense first layers) are not supported yet",
+                "this family's blocks differ in more than a dense vs mixture-of-experts feed-forward",
             )
-    return ArchSpec(str(model_type), prefix, linears, n_layers=len(blocks))
+        if mine not in checked:
+            checked.add(mine)
+            _check_covered(block, mine, router_names(block), model_type)
+    if not linears:
+        raise ModelLoadError(f"the decoder blocks of '{model_type}' hold no nn.Linear layers",
+                             "this family stores its projections in another module type, which is not supported")
+    heterogeneous = any(mine != linears for mine in per_block)
+    if heterogeneous:
+        linears = tuple(dict.fromkeys(n for mine in per_block for n in mine))
+    n_experts = max((m.num_experts for b in blocks for m in expert_modules(b).values()), default=0)
+    return ArchSpec(str(model_type), prefix, linears, n_layers=len(blocks), routers=routers, n_experts=n_experts,
+                    block_linears=per_block if heterogeneous else None)
+
+
+def _check_covered(block: nn.Module, linears: tuple[str, ...], routers: tuple[str, ...], model_type: object) -> None:
+    """Refuse a block with a matrix weight that is neither a planned linear nor a router (it would stay float)."""
+    owned = {f"{n}.weight" for n in linears + routers}
+    for name, p in sorted(block.named_parameters(), key=lambda np: -np[1].dim()):
+        if p.dim() >= 2 and name not in owned:
+            raise ModelLoadError(
+                f"'{model_type}' block weight {name} {tuple(p.shape)} is not an nn.Linear and would stay unquantized",
+                "this family's checkpoints store fused 3-D expert tensors, which are not supported yet: use a "
+                "release that stores per-expert linears" if any(q.dim() == 3 for q in block.parameters())
+                else "this family needs a dedicated entry",
+            )
+
+
+def _differ_in_feed_forward(block: nn.Module, first: nn.Module) -> bool:
+    """Blocks whose only differing child is the feed-forward, with experts in one and a dense MLP in the other
+    (DeepSeek's ``first_k_dense_replace``, Qwen2-MoE's ``mlp_only_layers``)."""
+    differing = [n for n, c in block.named_children() if type(c) is not type(first._modules.get(n))]
+    return len(differing) == 1 and bool(expert_modules(block._modules[differing[0]])) != bool(
+        expert_modules(first._modules[differing[0]]))
+
+
+def _block_linears(block: nn.Module, routers: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n not in routers)
 
 
 def _decoder_blocks(skeleton: nn.Module, model_type: object) -> tuple[str, nn.ModuleList]:

@@ -206,7 +206,7 @@ class QuantizedCheckpoint:
         if not self.modules:
             return  # a dtype cast: nothing is quantized by design
         arch = arch_for(self.config, self.path)
-        expected = {f"{arch.block_prefix(i)}{n}" for i in range(arch.n_layers) for n in arch.linears}
+        expected = set(arch.linear_names())
         missing = sorted(expected - set(self.modules))
         if missing:
             raise ModelLoadError(

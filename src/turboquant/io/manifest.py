@@ -67,6 +67,7 @@ def build_manifest(root: Path, ckpt: QuantizedCheckpoint, fmt: str, options: dic
         "schemes": [json.loads(s) for s in schemes],
         "mixed_precision": _mixed_summary(meta.get("mixed_precision")),
         "fallbacks": list(meta.get("fallbacks") or []),
+        "experts": meta.get("experts"),
         "calibration": calibration,
         "seed": ((calibration or {}).get("recipe") or {}).get("seed"),
         "quantized_checkpoint": {"turboquant_version": meta.get("turboquant_version"),

@@ -322,7 +322,7 @@ class OpenedModel:
 
     def linear_inputs(self) -> dict[str, int]:
         """Input width of every linear a weight method quantizes (full module names)."""
-        names = [f"{self.arch.block_prefix(i)}{linear}" for i in range(self.n_layers) for linear in self.arch.linears]
+        names = self.arch.linear_names()
         return {name: int(self.checkpoint.tensors[f"{name}.weight"].shape[-1]) for name in names}
 
     def iter_blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -373,7 +373,7 @@ def _check_blocks_present(model: OpenedModel) -> None:
         )
     for i in range(model.n_layers):
         names = set(model.checkpoint.block_names(model.arch, i))
-        for linear in model.arch.linears:
+        for linear in model.arch.linears_at(i):
             key = f"{model.arch.block_prefix(i)}{linear}.weight"
             if key not in names:
                 raise ModelLoadError(

@@ -6,11 +6,13 @@ assigned into the parts a step needs.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from turboquant.errors import ModelLoadError
+from turboquant.io.experts import unfuse_experts
 
 
 def build_skeleton(config_dir: Path, dtype: torch.dtype = torch.float32, real_buffers: bool = False
@@ -19,16 +21,41 @@ def build_skeleton(config_dir: Path, dtype: torch.dtype = torch.float32, real_bu
 
     ``real_buffers``: parameters stay on meta but buffers are computed for real (RoPE frequencies, embedding
     scales: whatever a family derives from its config), so running the model's own forward needs only the weights
-    assigned in.
+    assigned in. Fused experts become per-expert linears named as the checkpoint names them (``io.experts``), and
+    modules transformers renames on load carry their checkpoint names (``checkpoint_module_names``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     with torch.device("meta"):  # thread-local, unlike patching nn.Module: other threads keep building real modules
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+        unfuse_experts(model, str(cfg.model_type))
+    checkpoint_module_names(model, str(cfg.model_type))
     if real_buffers:
         compute_buffers(model)
     return model.eval()
+
+
+def checkpoint_module_names(model: torch.nn.Module, model_type: str) -> None:
+    """Give modules the names the family's checkpoints use where transformers renames them on load (Mixtral's
+    ``block_sparse_moe`` is ``mlp`` in memory), from its conversion mapping's plain segment renamings: the state
+    dict then has the checkpoint's names, while the forward still finds the module under its own attribute."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        sources = getattr(rule, "_original_source_patterns", None) or []
+        targets = getattr(rule, "_original_target_patterns", None) or []
+        if type(rule).__name__ != "WeightRenaming" or len(sources) != 1 or len(targets) != 1:
+            continue
+        old = re.fullmatch(r"\\?\.(\w+)\\?\.", sources[0])
+        new = re.fullmatch(r"\\?\.(\w+)\\?\.", targets[0])
+        if old is None or new is None:
+            continue
+        for module in list(model.modules()):
+            child = module._modules.get(new.group(1))
+            if child is not None and old.group(1) not in module._modules:
+                module._modules = {(old.group(1) if k == new.group(1) else k): v for k, v in module._modules.items()}
+                object.__setattr__(module, new.group(1), child)
 
 
 def compute_buffers(model: torch.nn.Module) -> None:

@@ -23,16 +23,21 @@ def tiny_config(
     vocab: int = 4096,
     max_positions: int = 1024,
     tie_embeddings: bool | None = False,
+    experts: int = 0,
+    top_k: int = 2,
 ):
     """A transformers config object for a small decoder of the given family (``tie_embeddings=None``: the
     family's own default). Gemma's queries are scaled by ``1/sqrt(head_dim)``, as in the released 2B-12B models
-    (the config's default ``query_pre_attn_scalar`` is the 256 of their head size)."""
+    (the config's default ``query_pre_attn_scalar`` is the 256 of their head size).
+
+    ``experts``: a mixture-of-experts family gets that many routed experts (``top_k`` per token) of half the
+    MLP width, shared experts where the family has them, and DeepSeek its first block dense and small MLA ranks."""
     from transformers import AutoConfig
 
     extra = {} if tie_embeddings is None else {"tie_word_embeddings": tie_embeddings}
     if model_type.startswith("gemma"):
         extra["query_pre_attn_scalar"] = hidden // heads
-    return AutoConfig.for_model(
+    cfg = AutoConfig.for_model(
         model_type,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -48,6 +53,23 @@ def tiny_config(
         pad_token_id=None,
         rms_norm_eps=1e-5,
     )
+    if experts:
+        _set_present(cfg, {"num_local_experts": experts, "num_experts": experts, "n_routed_experts": experts,
+                           "num_experts_per_tok": top_k, "moe_intermediate_size": intermediate // 2,
+                           "shared_expert_intermediate_size": intermediate // 2, "n_shared_experts": 1,
+                           "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                           "q_lora_rank": hidden // 2, "kv_lora_rank": hidden // 2,
+                           "qk_rope_head_dim": hidden // heads // 2, "qk_nope_head_dim": hidden // heads // 2,
+                           "v_head_dim": hidden // heads})
+        if hasattr(cfg, "qk_rope_head_dim"):  # MLA: RoPE covers the rotary part of each head only
+            cfg.head_dim = cfg.qk_rope_head_dim
+    return cfg
+
+
+def _set_present(cfg, values: dict) -> None:
+    for key, value in values.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
 
 
 #: Heads a replica keeps (its key/value heads: as many, one, or half of them, as the release's ratio says).

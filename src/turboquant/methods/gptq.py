@@ -30,6 +30,9 @@ from turboquant.methods.base import HESSIAN, check_type, register_method, Weight
 from turboquant.methods.rtn import RtnConfig, group_qparams
 from turboquant.tensor import QuantizedTensor, group_view, quantize_codes
 
+#: Calibration-free methods an under-calibrated expert falls back to.
+EXPERT_FALLBACKS = ("rtn", "hqq")
+
 _DAMP_TRIES = 4  # damping tried: damp_percent * 10**k for k < _DAMP_TRIES
 
 
@@ -50,6 +53,11 @@ class GptqConfig(WeightQuantConfig):
     model's output ``W X_float`` instead of ``W X``, so each layer also undoes the error the quantized layers
     before it left in its input ``X`` (the pipeline then carries the float model's activations beside the
     quantized ones, on every block path); on by default (it costs about one more float forward of every block and a second ``XᵀX``-sized product).
+
+    Mixture-of-experts blocks: ``calibrate_all_experts`` runs every expert on every calibration token for its
+    statistics (the block output keeps the real routing; llm-compressor's default too), so rarely routed experts
+    still get a full Hessian; ``min_expert_tokens``: an expert linear whose statistics saw fewer tokens is
+    quantized by ``expert_fallback`` (``rtn`` or ``hqq``, calibration-free) instead, recorded per expert.
     """
 
     damp_percent: float = 0.01
@@ -59,6 +67,9 @@ class GptqConfig(WeightQuantConfig):
     true_sequential: bool = True
     mse_clip: bool = False
     gptaq: bool = True
+    calibrate_all_experts: bool = True
+    min_expert_tokens: int = 16
+    expert_fallback: str = "rtn"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,8 +81,17 @@ class GptqConfig(WeightQuantConfig):
         check_type("block_size", self.block_size, int, "use a positive integer number of columns, e.g. 128")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} is not positive", "use a positive integer, e.g. 128")
-        for name in ("act_order", "static_groups", "true_sequential", "mse_clip", "gptaq"):
+        for name in ("act_order", "static_groups", "true_sequential", "mse_clip", "gptaq", "calibrate_all_experts"):
             check_type(name, getattr(self, name), bool, "use true or false")
+        check_type("min_expert_tokens", self.min_expert_tokens, int, "use a token count, e.g. 16")
+        if self.min_expert_tokens < 0:
+            raise ConfigError(f"min_expert_tokens={self.min_expert_tokens} is negative", "use a token count, e.g. 16")
+        if self.expert_fallback not in EXPERT_FALLBACKS:
+            raise ConfigError(f"expert_fallback={self.expert_fallback!r} is not a calibration-free method",
+                              f"use one of {', '.join(EXPERT_FALLBACKS)}")
+        if self.expert_fallback == "hqq" and self.symmetric:
+            raise ConfigError("expert_fallback=hqq is asymmetric while this GPTQ scheme is symmetric",
+                              "use expert_fallback: rtn, or symmetric: false")
 
     @property
     def permutes_groups(self) -> bool:

@@ -319,7 +319,7 @@ class PlannedCheckpoint:
 
         act_order = config.permutes_groups
         modules: dict[str, dict[str, Any]] = {}
-        names = [f"{opened.arch.block_prefix(i)}{linear}" for i in range(opened.n_layers) for linear in opened.arch.linears]
+        names = opened.arch.linear_names()
         for k, name in enumerate(names):
             bits = config.plan.get(name) or config.candidate_bits[k % len(config.candidate_bits)]
             info = opened.checkpoint.tensors[f"{name}.weight"]

@@ -124,8 +124,6 @@ def _decompressed(path: Path, device: torch.device) -> torch.nn.Module:
 def _transformers(path: Path, device: torch.device) -> torch.nn.Module:
     import os
 
-    from transformers import AutoModelForCausalLM
-
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
     dtype = kernel_dtype(device)
     if _has_dynamic_overrides(path):
@@ -135,7 +133,25 @@ def _transformers(path: Path, device: torch.device) -> torch.nn.Module:
 
         backend = BACKEND.TORCH if device.type == "cpu" else BACKEND.AUTO
         return GPTQModel.load(str(path), device=str(device), backend=backend).model.to(dtype).eval()
-    return AutoModelForCausalLM.from_pretrained(path, device_map=str(device), dtype=dtype).eval()
+    return from_pretrained_complete(path, device, dtype)
+
+
+def from_pretrained_complete(path: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` that refuses a partial load: a parameter the artifact did not
+    fill (transformers leaves it randomly initialised, e.g. experts whose quantized tensors it cannot merge) or a
+    tensor it could not place would make every score that follows meaningless."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, device_map=str(device), dtype=dtype,
+                                                       output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            raise ModelLoadError(
+                f"transformers loaded {path} incompletely: {len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})",
+                "this runtime cannot load this model's layout: export a format that loads it (compressed-tensors "
+                "for mixture-of-experts releases)")
+    return model.eval()
 
 
 def kernel_dtype(device: torch.device) -> torch.dtype:
@@ -155,9 +171,8 @@ def _has_dynamic_overrides(path: Path) -> bool:
 def _bitsandbytes(path: Path, device: torch.device) -> torch.nn.Module:
     """A bitsandbytes checkpoint (``turboquant quantize --method bnb-*``): its config.json's quantization_config
     makes transformers rebuild the Linear8bitLt / Linear4bit layers on ``device``."""
-    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, device_map=str(device), dtype=kernel_dtype(device)).eval()
+    return from_pretrained_complete(path, device, kernel_dtype(device))
 
 
 #: llama-cpp-python points the process's stdout / stderr file descriptors at /dev/null while it loads a model

@@ -352,6 +352,9 @@ def check_foldable(opened: OpenedModel) -> None:
     """Refuse a discovered family AWQ cannot fold (``foldable_groups``) before any weight is read: proven on block 0
     of a small random replica of the release (``runner.replica_block``), once per config. A config transformers
     cannot shrink is left to the check on the real block at quantization time."""
+    if opened.arch.n_experts:
+        raise ConfigError(f"AWQ cannot scale the experts of '{opened.arch.name}': they read one norm's output "
+                          "with the router, which stays in high precision", "quantize this family with gptq, rtn or hqq")
     if not opened.arch.discovered:
         return
     reason = _fold_refusal(json.dumps(opened.config, sort_keys=True), opened.arch)

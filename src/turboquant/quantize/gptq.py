@@ -13,8 +13,9 @@ import copy
 
 import torch
 
+from turboquant.io.experts import expert_of
 from turboquant.io.model import OpenedModel
-from turboquant.methods.base import HESSIAN, MethodConfig
+from turboquant.methods.base import get_method, HESSIAN, make_config, MethodConfig
 from turboquant.methods.gptq import quantize_weight
 from turboquant.methods.mixed import module_config
 from turboquant.quantize.procedures import block_procedure, set_weight
@@ -44,9 +45,15 @@ def gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel,
     def solve(names: list[str], stats: dict[str, InputStats]) -> None:
         for name in names:
             W = block.get_submodule(name).weight.data
+            cfg = module_config(config, prefix + name)
             with naming_overflows(prefix + name):
-                out[name] = quantize_weight(W, stats[name].H, module_config(config, prefix + name),
-                                            name=prefix + name, D=stats[name].D)
+                if expert_of(name) is not None and stats[name].n < cfg.min_expert_tokens:
+                    out[name] = _fallback(W, cfg)
+                    runner.notes.setdefault("expert_fallbacks", []).append(
+                        f"{prefix}{name} quantized with {cfg.expert_fallback}: its statistics saw {stats[name].n} "
+                        f"tokens (min_expert_tokens {cfg.min_expert_tokens})")
+                else:
+                    out[name] = quantize_weight(W, stats[name].H, cfg, name=prefix + name, D=stats[name].D)
             set_weight(block, name, out[name])
 
     groups = [list(g.linears) for g in runner.groups(block)]
@@ -60,3 +67,10 @@ def gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel,
     if reference is not None:
         runner.float_hidden = runner.forward(reference, runner.float_hidden)
     return out, None
+
+
+def _fallback(weight: torch.Tensor, cfg: MethodConfig) -> QuantizedTensor:
+    """``weight`` by the calibration-free ``expert_fallback`` method under the same scheme (an under-calibrated
+    expert: a Hessian of a handful of tokens is noise, and of none a zero matrix)."""
+    fallback = make_config(cfg.expert_fallback, bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric)
+    return get_method(cfg.expert_fallback).solver(weight, fallback)

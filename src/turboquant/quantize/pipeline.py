@@ -21,13 +21,14 @@ from turboquant.errors import ConfigError
 from turboquant.fsutil import atomic_output_dir
 from turboquant.io.calibration import CalibrationSet, check_vocab
 from turboquant.io.checkpoint import CheckpointWriter, dtype_name
+from turboquant.io.experts import expert_modules
 from turboquant.io.model import check_finite, open_model, OpenedModel
 from turboquant.methods import get_method, MethodConfig
 from turboquant.methods.base import group_fallbacks, WeightQuantConfig, with_group_overrides
 from turboquant.methods.mixed import base_method, MixedPrecisionConfig, module_config
 from turboquant.quantize import sensitivity as mixed_precision
 from turboquant.quantize.procedures import check_structure, needs_float_stream, procedure_for
-from turboquant.quantize.runner import BlockRunner
+from turboquant.quantize.runner import BlockRunner, routed_tokens
 from turboquant.tensor import naming_overflows, QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ def quantize(
             label = f"{spec.name} {getattr(config, 'scheme', '') and config.scheme.describe()}"
             bar = _BlockProgress(tqdm(total=n_shards, desc=label, unit="block", disable=not progress, leave=False),
                                  spec.name, out.name)
+            experts: dict[str, Any] = {}
             if get_method(base_method(config)).needs_calibration:
                 fallbacks += _quantize_calibrated(opened, config, calib, writer, sequential, batch_size, bar.update,
-                                                  store)
+                                                  store, experts)
             else:
                 for i in range(opened.n_layers):
                     tensors = opened.block(i)
@@ -94,6 +96,9 @@ def quantize(
             bar.close()
             meta = _metadata(opened, config)
             meta["fallbacks"] = fallbacks
+            if opened.arch.n_experts:
+                meta["experts"] = {"per_module": opened.arch.n_experts, "routers_kept": list(opened.arch.routers),
+                                   **experts}
             meta["device"] = describe_device(dev)
             if mixed:
                 shapes = {m: info["shape"] for m, info in writer.modules.items()}
@@ -133,20 +138,32 @@ def _quantize_calibrated(
     batch_size: int,
     tick: Callable[[], Any],
     store: ActivationStore,
+    experts: dict[str, Any],
 ) -> list[str]:
     """Block by block: load, (capture + solve) with the method's procedure, write the shard, advance inputs.
 
-    Returns what the procedure changed from what was asked (for the manifest and the card). Solvers' results come
-    back to the host for writing."""
+    Returns what the procedure changed from what was asked (for the manifest and the card); fills ``experts``
+    with each mixture-of-experts module's routed token counts (for the manifest). Solvers' results come back to
+    the host for writing."""
     procedure = procedure_for(config)
     runner = BlockRunner.start(opened, calib.input_ids, batch_size=batch_size, store=store)
+    runner.all_experts = bool(getattr(config, "calibrate_all_experts", True))
     if needs_float_stream(opened, config):
         runner.keep_float_stream()
     for i in range(opened.n_layers):
         block = runner.load_block(i)
         check_finite({opened.arch.block_prefix(i) + k: v for k, v in block.state_dict().items()})
-        float_out = None if sequential else runner.forward(block)
         prefix = opened.arch.block_prefix(i)
+        float_out = None
+        if expert_modules(block):
+            with routed_tokens(block) as counts:
+                float_out = runner.forward(block)
+            runner.notes.setdefault("routed_tokens", {}).update(
+                {prefix + name: c.tolist() for name, c in counts.items()})
+        if sequential:
+            float_out = None
+        elif float_out is None:
+            float_out = runner.forward(block)
         quantized, quantized_out = procedure(runner, block, opened, config, prefix)
         if sequential:
             outputs = quantized_out if quantized_out is not None else runner.forward(block)
@@ -166,8 +183,15 @@ def _quantize_calibrated(
         runner.release_block(i)
         runner.advance(outputs)
         tick()
+    if "routed_tokens" in runner.notes:
+        experts["routed_tokens"] = runner.notes["routed_tokens"]
+        experts["calibrate_all_experts"] = runner.all_experts
     return [f"AWQ scales not folded for {group} (no norm or linear produces its input alone): AWQ's clip search "
-            "and quantizer only" for group in runner.notes.get("awq_unscaled", [])]
+            "and quantizer only" for group in runner.notes.get("awq_unscaled", [])] \
+        + runner.notes.get("expert_fallbacks", []) \
+        + (["GPTAQ's float-model term not used for expert linears: with routed-only statistics "
+            "(calibrate_all_experts: false) the float and quantized paths route different tokens"]
+           if runner.notes.get("unpaired_experts") else [])
 
 
 def planned_config(opened: OpenedModel, config: MethodConfig) -> tuple[MethodConfig, list[str]]:
@@ -210,7 +234,7 @@ def _process_block(
         return _process_plain(tensors, config)
     prefix = opened.arch.block_prefix(index)
     out: dict[str, torch.Tensor] = {}
-    targets = {f"{prefix}{linear}.weight" for linear in opened.arch.linears}
+    targets = {f"{prefix}{linear}.weight" for linear in opened.arch.linears_at(index)}
     for name, t in tensors.items():
         if name in targets:
             module = name.removesuffix(".weight")

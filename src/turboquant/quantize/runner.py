@@ -21,6 +21,7 @@ from torch import nn
 from turboquant.device import ActivationStore, to_device
 from turboquant.errors import ModelLoadError
 from turboquant.io.arch import ArchSpec, BlockLayout, LinearGroup
+from turboquant.io.experts import expert_modules, expert_of
 from turboquant.io.model import OpenedModel
 from turboquant.io.skeleton import build_skeleton
 from turboquant.io.tiny import replica_config
@@ -88,15 +89,19 @@ class BlockRunner:
     #: what a method changed from what was asked, for the manifest and the card (e.g. AWQ groups left unscaled)
     notes: dict[str, Any] = field(default_factory=dict)
     store: ActivationStore = field(default_factory=ActivationStore)
+    #: mixture-of-experts blocks: every expert's statistics see every token (the output keeps the real routing)
+    all_experts: bool = True
     layer_kwargs: dict = field(init=False)
     _blocks: nn.ModuleList = field(init=False)
-    _groups: tuple[LinearGroup, ...] | None = field(init=False, default=None)
+    _groups: dict[tuple[str, ...], tuple[LinearGroup, ...]] = field(init=False, default_factory=dict)
+    _index: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._blocks = self.skeleton.get_submodule(self.opened.arch.blocks_prefix)
         self.layer_calls = to_device(self.layer_calls, self.device)
         self.layer_kwargs = self.layer_calls[0]
-        self._groups = self.opened.arch.groups
+        if self.opened.arch.groups is not None:
+            self._groups[self.opened.arch.linears] = self.opened.arch.groups
 
     @property
     def device(self) -> torch.device:
@@ -128,6 +133,7 @@ class BlockRunner:
         _assign(block, state, prefix, self.opened)
         block.to(self.device)
         self.layer_kwargs = self.layer_calls[index]
+        self._index = index
         return block
 
     def batch(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -142,12 +148,15 @@ class BlockRunner:
         self.float_hidden = self.store.keep(self.hidden.clone(), "float_hidden")
 
     def groups(self, block: nn.Module) -> tuple[LinearGroup, ...]:
-        """The block's linears by shared input, in the order they run: the table's, or traced once from
-        ``block`` (every block has the same linears, ``io.arch.discover``)."""
-        if self._groups is None:
-            self._groups = trace_groups(block, self.batch(self.hidden, slice(0, 1)), self.layer_kwargs,
-                                        self.opened.arch.linears)
-        return self._groups
+        """The loaded block's linears by shared input, in the order they run: the table's, or traced once from
+        the first block of each kind (blocks of one kind have the same linears, ``io.arch.discover``); every
+        expert runs on every token for the trace, so none is missed for lack of routed tokens."""
+        linears = self.opened.arch.linears_at(self._index)
+        if linears not in self._groups:
+            with all_experts(block):
+                self._groups[linears] = trace_groups(block, self.batch(self.hidden, slice(0, 1)),
+                                                     self.layer_kwargs, linears)
+        return self._groups[linears]
 
     def release_block(self, index: int) -> None:
         self._blocks[index] = self._blocks[index].to("meta")
@@ -177,8 +186,21 @@ class BlockRunner:
         """
         modules = {name: block.get_submodule(name) for name in linears}
         cross = reference is not None and self.float_hidden is not None
-        stats = {name: InputStats.empty(m.in_features, abs_mean, cross, self.device) for name, m in modules.items()}
-        references = {name: reference.get_submodule(name) for name in linears} if cross else {}
+        # routed-only expert statistics: the float and the quantized path route different tokens, no pairing
+        paired = {n for n in linears if self.all_experts or expert_of(n) is None} if cross else set()
+        if cross and len(paired) < len(linears):
+            self.notes["unpaired_experts"] = True
+        stats = {name: InputStats.empty(m.in_features, abs_mean, name in paired, self.device)
+                 for name, m in modules.items()}
+        references = {name: reference.get_submodule(name) for name in paired}
+        cross = bool(references)
+        with all_experts(block, self.all_experts), all_experts(reference, self.all_experts):
+            self._capture(block, modules, stats, reference if cross else None, references)
+        return stats
+
+    def _capture(self, block: nn.Module, modules: dict[str, nn.Module], stats: dict[str, InputStats],
+                 reference: nn.Module | None, references: dict[str, nn.Module]) -> None:
+        cross = reference is not None
         for rows in self.batches(self.hidden.shape[0]):
             floats: dict[str, torch.Tensor] | None = None
             if cross:
@@ -187,7 +209,6 @@ class BlockRunner:
                                _record_hooks(references, floats), batch=self.batch_size)
             run_with_hooks(block, self.batch(self.hidden, rows), self.layer_kwargs,
                            _capture_hooks(modules, stats, floats), batch=self.batch_size)
-        return stats
 
     def advance(self, outputs: torch.Tensor) -> None:
         self.hidden = outputs
@@ -398,6 +419,35 @@ def trace_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: 
     return tuple(LinearGroup(producers.get(key, (None, None))[1], tuple(names)) for key, names in groups.items())
 
 
+@contextmanager
+def all_experts(module: nn.Module | None, on: bool = True) -> Iterator[None]:
+    """While inside, every expert of ``module``'s mixture-of-experts blocks also runs on every token (statistics
+    only: the output keeps the real routing, ``io.experts.PerExpertLinears``)."""
+    experts = list(expert_modules(module).values()) if module is not None else []
+    was = [m.all_experts for m in experts]
+    for m in experts:
+        m.all_experts = on
+    try:
+        yield
+    finally:
+        for m, w in zip(experts, was):
+            m.all_experts = w
+
+
+@contextmanager
+def routed_tokens(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Counts, while inside, the tokens the router sends to each expert of ``module``: {experts module: counts}."""
+    experts = expert_modules(module)
+    counts = {name: torch.zeros(m.num_experts, dtype=torch.long) for name, m in experts.items()}
+    for name, m in experts.items():
+        m.routed = counts[name]
+    try:
+        yield counts
+    finally:
+        for m in experts.values():
+            m.routed = None
+
+
 def input_before(module: nn.Module, last: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
     """What ``module(x, **kwargs)`` feeds its final linear ``last`` (the forward stops there)."""
     seen: list[torch.Tensor] = []
@@ -431,7 +481,7 @@ def _capture_hooks(modules: dict[str, nn.Module], stats: dict[str, InputStats],
             x = input_of(args, kwargs)
             key = shared.setdefault(id(x), (x, name))[1]
             if key == name:
-                stats[name].add(x, floats[name] if floats is not None else None)
+                stats[name].add(x, floats.get(name) if floats is not None else None)
             else:
                 stats[name] = stats[key]
             seen.add(name)

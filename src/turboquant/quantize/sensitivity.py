@@ -149,13 +149,13 @@ def measure_sensitivity(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: C
 
     runner = BlockRunner.start(opened, calib.input_ids[: cfg.sensitivity_samples], batch_size=batch_size,
                                store=store)
-    linears = list(opened.arch.linears)
     errors: dict[str, dict[int, float]] = {}
     shapes: dict[str, list[int]] = {}
     bar = tqdm(total=opened.n_layers, desc="sensitivity", unit="block", disable=not progress, leave=False)
     for i in range(opened.n_layers):
         prefix = opened.arch.block_prefix(i)
         block = runner.load_block(i)
+        linears = list(opened.arch.linears_at(i))
         reference = runner.forward(block)
         stats = runner.capture(block, linears) if cfg.base == "gptq" else {}
         for name in linears:
@@ -198,7 +198,7 @@ def resolve(opened: OpenedModel, cfg: MixedPrecisionConfig, calib: CalibrationSe
     A config that already has a plan is checked against the model's linears and returned as it is.
     """
     if cfg.plan:
-        expected = {f"{opened.arch.block_prefix(i)}{n}" for i in range(opened.n_layers) for n in opened.arch.linears}
+        expected = set(opened.arch.linear_names())
         if set(cfg.plan) != expected:
             missing = sorted(expected - set(cfg.plan))[:1] or sorted(set(cfg.plan) - expected)[:1]
             raise ConfigError(f"the mixed-precision plan does not match this model's linears (e.g. {missing[0]})",

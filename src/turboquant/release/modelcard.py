@@ -85,6 +85,7 @@ def artifact_record(label: str, manifest: dict[str, Any], validation: dict[str, 
         "source": {"name": model_name(manifest), "repo_id": source.get("repo_id"),
                    "commit_sha": source.get("commit_sha")},
         "fallbacks": list(manifest.get("fallbacks") or []),
+        "experts": manifest.get("experts"),
         "calibration": manifest.get("calibration"),
         "calibration_sha256": calibration_hash(manifest.get("calibration")),
         "turboquant_version": manifest.get("turboquant_version"),
@@ -95,6 +96,22 @@ def artifact_record(label: str, manifest: dict[str, Any], validation: dict[str, 
         "files": files,
         "manifest": manifest,
     }
+
+
+def experts_sentence(experts: dict[str, Any] | None) -> str:
+    """What a mixture-of-experts artifact did with its experts and routers (empty for a dense model)."""
+    if not experts:
+        return ""
+    text = f" Mixture of experts: all {experts.get('per_module')} experts of every MoE block quantized"
+    routers = experts.get("routers_kept") or []
+    if routers:
+        text += f", routers ({', '.join(routers)}) kept in full precision"
+    counts = [c for per in (experts.get("routed_tokens") or {}).values() for c in per]
+    if counts:
+        how = "every calibration token through every expert" if experts.get("calibrate_all_experts") \
+            else "routed tokens only"
+        text += f"; statistics from {how} (routed tokens per expert: {min(counts)} to {max(counts)})"
+    return text + "."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,6 +243,7 @@ def card_body(repo_id: str, records: list[dict[str, Any]], *, base_model: str | 
         conv = (r.get("format_details") or {}).get("conversion")
         lines.append(f"- **{r['entry']}**: method `{r.get('method')}` ({json.dumps(r.get('method_config'), sort_keys=True)}), "
                      f"scheme {schemes}, exported as `{r['format']}`" + (f" ({conv})" if conv else "") + "."
+                     + experts_sentence(r.get("experts"))
                      + ("".join(f" Changed from what was asked: {f}." for f in r.get("fallbacks") or [])))
     lines += ["", "## Files", "",
               "| File | Size | Bits per weight | Perplexity (vs base) | KL | Top-1 | Gates |",

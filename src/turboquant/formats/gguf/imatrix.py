@@ -92,12 +92,12 @@ def compute_imatrix(model: "str | Path | OpenedModel", calib: CalibrationSet, *,
     for i in tqdm(range(opened.n_layers), desc="imatrix", unit="block", disable=not progress, leave=False):
         block = runner.load_block(i)
         prefix = opened.arch.block_prefix(i)
-        sums = {name: torch.zeros(block.get_submodule(name).in_features, dtype=torch.float64)
-                for name in opened.arch.linears}
-        counts = dict.fromkeys(opened.arch.linears, 0)
+        linears = opened.arch.linears_at(i)
+        sums = {name: torch.zeros(block.get_submodule(name).in_features, dtype=torch.float64) for name in linears}
+        counts = dict.fromkeys(linears, 0)
         outputs = runner.forward(block, hooks=[(block.get_submodule(name), _accumulate(sums, counts, name))
-                                               for name in opened.arch.linears])
-        for name in opened.arch.linears:
+                                               for name in linears])
+        for name in linears:
             out.sums[prefix + name] = sums[name].to(torch.float32).numpy()
             out.counts[prefix + name] = float(counts[name])
         runner.release_block(i)
