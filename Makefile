@@ -32,7 +32,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q; rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=30; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)

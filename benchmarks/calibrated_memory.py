@@ -8,7 +8,9 @@ Target
 ------
 For each calibrated method (GPTQ W4 g128, AWQ W4 g128), peak RSS of ``quantize(..., calib=...)`` on a random Llama
 with 16 decoder layers is at most 1.2x that on the same model with 4 layers: ``sequential.BlockRunner`` keeps one
-block's weights plus the calibration activations ``[n, seqlen, hidden]`` resident, whatever the depth.
+block's weights plus the calibration activations ``[n, seqlen, hidden]`` resident, whatever the depth. The same
+holds for a mixture-of-experts model (row GPTQ-MOE: a random Qwen3-MoE of the same widths, 8 experts of half the
+MLP width, top-2, every expert calibrated on every token), whose one resident block holds all its experts.
 
 How
 ---
@@ -69,9 +71,27 @@ METHODS = {
     # name: scheme and options (both W4 g128; AWQ asymmetric as its default, GPTQ symmetric as its default)
     "gptq": dict(bits=4, group_size=128),
     "awq": dict(bits=4, group_size=128),
+    "gptq-moe": dict(bits=4, group_size=128),
 }
+#: The mixture-of-experts row: GPTQ on a random Qwen3-MoE of the same widths (8 experts of half the MLP width,
+#: top-2, every expert calibrated on every token), so one resident block holds all its experts.
+MOE = dict(model_type="qwen3_moe", experts=8)
+MOE_TOKENIZER = HERE.parent.parent / "shared" / "models" / "tq-ref-llama"
 AWQ_FAST = dict(search_samples=4, grid=5, clip_grid=10)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+CHILD_BUILD_MOE = _RSS_HELPERS + r"""
+import os, shutil, torch
+from pathlib import Path
+from turboquant.io.tiny import save_tiny_model
+args = json.loads(sys.argv[1])
+final = Path(args.pop("path"))
+tmp = final.with_name(final.name + ".tmp-build")
+shutil.rmtree(tmp, ignore_errors=True)
+save_tiny_model(tmp, dtype=torch.float32, tie_embeddings=False, **args)
+os.replace(tmp, final)
+print(json.dumps({"maxrss_kib": _maxrss_kib()}))
+"""
 
 CHILD_FLOOR = _RSS_HELPERS + r"""
 import torch
@@ -140,7 +160,7 @@ print(json.dumps({"maxrss_kib": _maxrss_kib(), "seconds": elapsed, "before": bef
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="gptq,awq", help="comma-separated subset of gptq,awq")
+    ap.add_argument("--methods", default="gptq,awq,gptq-moe", help="comma-separated subset of gptq,awq,gptq-moe")
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -157,10 +177,13 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    models, sizes = {}, {}
+    models, sizes, moe_models, moe_sizes = {}, {}, {}, {}
     for layers in (small_l, big_l):
         models[layers], _ = ensure_model(SIZE, layers)
         sizes[layers] = weight_sizes(models[layers])
+        if "gptq-moe" in methods:
+            moe_models[layers] = ensure_moe_model(s, layers)
+            moe_sizes[layers] = weight_sizes(moe_models[layers])
 
     print("measuring the import floor ...", file=sys.stderr, flush=True)
     floor = run_child(CHILD_FLOOR, {})
@@ -170,7 +193,8 @@ def main() -> None:
         print(f"{method}: {layers} layers{tag} ...", file=sys.stderr, flush=True)
         out = WORK / f"out-calib-{method}-L{layers}"
         load = _loadavg()
-        r = run_child(CHILD_CALIBRATED, dict(model=str(models[layers]), out=str(out), method=method,
+        model = moe_models[layers] if method == "gptq-moe" else models[layers]
+        r = run_child(CHILD_CALIBRATED, dict(model=str(model), out=str(out), method=method.removesuffix("-moe"),
                                              options=options, n_samples=a.n_samples, seqlen=a.seqlen,
                                              seed=a.seed, vocab=s["vocab"], threads=a.threads), env=env)
         shutil.rmtree(out, ignore_errors=True)
@@ -232,6 +256,8 @@ def main() -> None:
             "calib_activations_shape": [a.n_samples, a.seqlen, hidden],
             "largest_hessian_fp32_bytes": inter * inter * 4,
             "file_bytes": {str(k): v["file_bytes"] for k, v in sizes.items()},
+            "moe_block_weights_bytes": moe_sizes[big_l]["block_bytes"] if moe_sizes else None,
+            "moe": {**MOE, "moe_intermediate": inter // 2, "top_k": 2} if moe_sizes else None,
         },
         "targets": {"peak_rss_ratio": targets},
         "floor": floor,
@@ -258,6 +284,17 @@ def main() -> None:
     a.json.with_suffix(".md").write_text(text + "\n")
     print(text)
     print(f"\nwrote {a.json} and {a.json.with_suffix('.md')}")
+
+
+def ensure_moe_model(s: dict, layers: int) -> Path:
+    """The random Qwen3-MoE of the MoE row at ``layers`` blocks (built once under ``benchmarks/work/``)."""
+    path = WORK / f"qwen3moe-h{s['hidden']}-e{MOE['experts']}-v{s['vocab']}-L{layers}-fp32"
+    if not ((path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+        print(f"building {path.name} ...", file=sys.stderr, flush=True)
+        run_child(CHILD_BUILD_MOE, dict(path=str(path), hidden=s["hidden"], intermediate=s["intermediate"],
+                                        heads=s["heads"], kv_heads=s["kv_heads"], vocab=s["vocab"], layers=layers,
+                                        tokenizer_from=str(MOE_TOKENIZER), **MOE))
+    return path
 
 
 def render(r: dict, small_l: int, big_l: int) -> str:
@@ -291,6 +328,8 @@ def render(r: dict, small_l: int, big_l: int) -> str:
         f"| non-block weights (embed + lm_head + norm, fp32) | {b(z['non_block_weights_bytes'])} |",
         f"| calibration activations {z['calib_activations_shape']} fp32 | {b(z['calib_activations_fp32_bytes'])} |",
         f"| largest GPTQ Hessian (intermediate^2, fp32) | {b(z['largest_hessian_fp32_bytes'])} |",
+    ] + ([f"| GPTQ-MOE: one Qwen3-MoE block's weights ({z['moe']['experts']} experts, fp32) "
+          f"| {b(z['moe_block_weights_bytes'])} |"] if z.get("moe_block_weights_bytes") else []) + [
         f"| import floor (torch + turboquant + transformers Llama) | {mib(r['floor']['maxrss_kib'])} |",
         "",
         "| method, layers | peak while a block is processed (sampled) | peak of the non-block shard (sampled) "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_server import EPHEMERAL_STARTUP_S
+from prefect_server import EPHEMERAL_STARTUP_S, PrefectServer
 from turboquant.io.tiny import save_tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -36,6 +36,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """One real Prefect server (``prefect server start``) for the whole session, for tests whose runs need blocks
+    (the nightly's Secret): its subprocesses talk to it instead of each starting an embedded server under load."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-session"))
+    try:
+        yield server.api_url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,7 @@ class PrefectServer:
         self.workers: list[subprocess.Popen] = []
         self._wait_healthy()
 
-    def _wait_healthy(self, timeout: float = 120) -> None:
+    def _wait_healthy(self, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

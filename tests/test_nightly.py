@@ -17,20 +17,27 @@ from prefect_server import prefect_env
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp_path):
-    """The Hub server's endpoint, but no HF_TOKEN: the token comes from the Prefect Secret block the plan names."""
-    env = prefect_env(tmp_path / "prefect")
+@pytest.fixture
+def api(prefect_api) -> str:
+    """The session's Prefect server (``conftest.prefect_api``)."""
+    return prefect_api
+
+
+def _env(tmp_path, api: str):
+    """The Hub server's endpoint, but no HF_TOKEN: the token comes from the Prefect Secret block the plan names,
+    saved in the session's Prefect server (``prefect_api``), which every run of these tests talks to."""
+    env = prefect_env(tmp_path / "prefect", api)
     env.pop("HF_TOKEN", None)
     return env
 
 
-def _nightly(tmp_path, watch, params):
+def _nightly(tmp_path, watch, params, api):
     return subprocess.run([sys.executable, "-m", "turboquant.cli", "nightly", "--watch", str(watch), "--params",
                            str(params), "--runs-root", str(tmp_path / "nightly")], capture_output=True, text=True,
-                          env=_env(tmp_path), cwd=tmp_path, timeout=900)
+                          env=_env(tmp_path, api), cwd=tmp_path, timeout=900)
 
 
-def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_server, tiny_model):
+def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_server, tiny_model, api):
     hub = hub_server.state
     hub.create_repo("org/tiny-llama", {p.name: p for p in tiny_model.iterdir() if p.is_file()})
     hub.create_repo("org/unrelated-model", {"README.md": "not watched"})
@@ -50,11 +57,11 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
     }))
     saved = subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.system import Secret; "
                             "Secret(value=sys.argv[1]).save('hf-write-token')", HUB_TOKEN],
-                           capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+                           capture_output=True, text=True, env=_env(tmp_path, api), timeout=300)
     assert saved.returncode == 0, saved.stderr[-2000:]
     first_sha = hub.repos["org/tiny-llama"].head.oid
 
-    res = _nightly(tmp_path, watch, params)
+    res = _nightly(tmp_path, watch, params, api)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"processed org/tiny-llama@{first_sha[:12]} (1 approved)" in res.stdout
     published = [c for c in hub.commits("tq/tiny-llama-GPTQ-Int8") if "TurboQuant-Idempotency-Key" in c.message]
@@ -67,14 +74,14 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
     assert hub.count("GET", r"tiny-llama-AWQ/.*\.safetensors") == 0
 
     (tmp_path / "nightly" / "processed.jsonl").unlink()  # the Hub's commit history alone says it is done
-    again = _nightly(tmp_path, watch, params)
+    again = _nightly(tmp_path, watch, params, api)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"skipped   org/tiny-llama@{first_sha[:12]}" in again.stdout
     assert len(hub.commits("tq/tiny-llama-GPTQ-Int8")) == len(published) + 1  # repo creation + the one publish
     assert sorted(p.name for p in (tmp_path / "nightly").iterdir() if "@" in p.name) == [f"tiny-llama@{first_sha[:12]}"]
 
     new_sha = hub.push("org/tiny-llama", {"README.md": "# tiny-llama v2\n"}, message="release v2")
-    third = _nightly(tmp_path, watch, params)
+    third = _nightly(tmp_path, watch, params, api)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert f"processed org/tiny-llama@{new_sha[:12]}" in third.stdout
     assert (tmp_path / "nightly" / f"tiny-llama@{new_sha[:12]}" / "tiny-llama" / "artifacts" / "rtn-w8-g32-gptq").is_dir()
@@ -90,7 +97,7 @@ def test_nightly_processes_each_release_once_and_publishes_it(tmp_path, hub_serv
 
 
 def test_nightly_runs_releases_concurrently_within_the_limit_and_isolates_a_failure(tmp_path, hub_server,
-                                                                                    tiny_model):
+                                                                                    tiny_model, api):
     """Ten watched releases at once under a limit of 3: runs overlap, never more than 3 at a time, and the one
     release whose weights hold a NaN has its artifact rejected, naming it, while the nine others pass."""
     from safetensors.torch import load_file, save_file
@@ -116,7 +123,7 @@ def test_nightly_runs_releases_concurrently_within_the_limit_and_isolates_a_fail
     }))
     res = subprocess.run([sys.executable, "-m", "turboquant.cli", "nightly", "--watch", str(watch), "--params",
                           str(params), "--runs-root", str(tmp_path / "nightly"), "--max-concurrent", "3"],
-                         capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=1800)
+                         capture_output=True, text=True, env=_env(tmp_path, api), cwd=tmp_path, timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     outcomes = {o["repo_id"]: o for o in json.loads((tmp_path / "nightly" / "last-nightly.json").read_text())}
     assert len(outcomes) == 10 and {o["status"] for o in outcomes.values()} == {"processed"}

@@ -163,16 +163,18 @@ def iter_shards(ckpt: QuantizedCheckpoint) -> Iterator[Shard]:
 
 def write_packed_shards(ckpt: QuantizedCheckpoint, out: Path,
                         pack: Callable[[QuantizedTensor], dict[str, torch.Tensor]],
-                        plain: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict) -> None:
+                        plain: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict,
+                        regroup: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict) -> None:
     """Write the checkpoint shard by shard: each module's ``pack(qt)`` tensors (named ``module.key``) beside the
-    shard's ``plain(tensors)``, then the index — the loop every safetensors-based format shares."""
+    shard's ``plain(tensors)``, all passed through ``regroup`` (e.g. experts stacked), then the index — the loop
+    every safetensors-based format shares."""
     writer = None
     for shard in iter_shards(ckpt):
         writer = writer or ShardWriter(out, shard.total, fault="export.shard_written", single_file=True)
         tensors = plain(shard.plain)
         for module, qt in shard.quantized.items():
             tensors.update({f"{module}.{k}": v for k, v in pack(qt).items()})
-        writer.write(shard.index, tensors)
+        writer.write(shard.index, regroup(tensors))
     writer.write_index()
 
 

@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ import torch
 
 from turboquant.errors import first_line
 from turboquant.io.checkpoint import QuantizedCheckpoint
+from turboquant.io.experts import expert_names, expert_of, ExpertNames
 from turboquant.formats.base import (
-    FormatError, refuse_experts, has_act_order, register_format, write_packed_shards, schemes, source_config, write_json,
+    FormatError, has_act_order, register_format, write_packed_shards, schemes, source_config, write_json,
 )
 from turboquant.tensor import PER_TENSOR, QuantizedTensor, QuantScheme, pack_words
 
@@ -78,6 +80,9 @@ def check_family(config: dict[str, Any]) -> None:
     if "sliding_attention" in types and "full_attention" not in types:
         raise FormatError(f"every layer of this {model_type} model slides a window, and mlx-lm's class indexes its "
                           "first full-attention layer", "export this model to gptq, compressed-tensors or onnx")
+    if model_type == "qwen2_moe" and config.get("norm_topk_prob"):
+        raise FormatError("mlx-lm's qwen2_moe never renormalises the top-k routing weights, and this config's "
+                          "norm_topk_prob is true", "export this model to compressed-tensors")
     if model_type == "exaone4" and isinstance(config.get("sliding_window_pattern"), int):
         raise FormatError("mlx-lm reads exaone4's sliding_window_pattern only as a layer string ('LLLG'); this "
                           "config has the integer form", "write it as a string in config.json, or export to gptq / "
@@ -91,8 +96,8 @@ def _mlx_lm_version() -> str:
 
 
 def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
-    refuse_experts(ckpt, "mlx", "mlx-lm stacks expert weights into SwitchGLU tensors and this writer does not stack quantized experts yet")
     check_family(ckpt.config)
+    check_experts(ckpt)
     if not schemes(ckpt):
         raise FormatError(f"{ckpt.path} holds no quantized weights (method '{ckpt.method}')",
                           "quantize with a weight method (rtn, gptq, awq, hqq) before exporting to mlx")
@@ -105,6 +110,53 @@ def check(ckpt: QuantizedCheckpoint, options: dict[str, Any]) -> None:
                           "or re-quantize GPTQ with --option static_groups=true")
     for module, info in ckpt.modules.items():
         check_module(module, ckpt.scheme(module), info["shape"][1])
+
+
+def switch_name(module: str, names: ExpertNames | None) -> str:
+    """mlx-lm's name for ``module``: an expert's projection lives in its block's ``switch_mlp`` (SwitchGLU), all
+    experts stacked along a leading axis, as ``gate_proj`` / ``up_proj`` / ``down_proj``; others keep theirs."""
+    m = re.fullmatch(r"(.*)\.experts\.(\d+)\.(\w+)", module)
+    if names is None or m is None:
+        return module
+    role = {names.gate: "gate_proj", names.up: "up_proj", names.down: "down_proj"}[m.group(3)]
+    return f"{m.group(1)}.switch_mlp.{role}"
+
+
+def check_experts(ckpt: QuantizedCheckpoint) -> None:
+    """Experts stacked into one SwitchGLU tensor share one quantization: refuse experts of one projection with
+    different schemes (mixed precision), or an experts module with an expert missing."""
+    names = expert_names(str(ckpt.config.get("model_type")))
+    stacks: dict[str, dict[int, tuple]] = {}
+    for module in ckpt.modules:
+        found = expert_of(module)
+        if found is None or names is None:
+            continue
+        scheme = ckpt.scheme(module)
+        stacks.setdefault(switch_name(module, names), {})[found[1]] = (scheme.bits, scheme.group_size)
+    for name, per_expert in sorted(stacks.items()):
+        if len(set(per_expert.values())) > 1:
+            raise FormatError(f"the experts of {name} are quantized with different schemes, and mlx-lm stacks them "
+                              "into one tensor with one scheme", "quantize experts uniformly, or export to "
+                              "compressed-tensors")
+        if sorted(per_expert) != list(range(len(per_expert))):
+            raise FormatError(f"{name} is missing experts {sorted(set(range(max(per_expert) + 1)) - set(per_expert))}",
+                              "re-create the checkpoint with `turboquant quantize`")
+
+
+def stack_experts(tensors: dict[str, torch.Tensor], names: ExpertNames | None) -> dict[str, torch.Tensor]:
+    """One shard's tensors with every experts module's per-expert tensors stacked as mlx-lm's ``switch_mlp``."""
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        module, _, part = key.rpartition(".")
+        found = expert_of(module)
+        if found is None or names is None:
+            out[key] = t
+        else:
+            stacks.setdefault(f"{switch_name(module, names)}.{part}", {})[found[1]] = t
+    for key, per_expert in stacks.items():
+        out[key] = torch.stack([per_expert[e] for e in range(len(per_expert))]).contiguous()
+    return out
 
 
 def check_module(module: str, scheme: QuantScheme, in_features: int) -> None:
@@ -140,7 +192,8 @@ def pack_module(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tens
 
 def quantization_config(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
     """mlx-lm's ``quantization`` dict: the most common (group_size, bits) plus per-module overrides."""
-    per_module = {m: (mlx_group_size(ckpt.scheme(m), info["shape"][1]), ckpt.scheme(m).bits)
+    names = expert_names(str(ckpt.config.get("model_type")))
+    per_module = {switch_name(m, names): (mlx_group_size(ckpt.scheme(m), info["shape"][1]), ckpt.scheme(m).bits)
                   for m, info in ckpt.modules.items()}
     counts = Counter(per_module.values())
     group_size, bits = max(sorted(counts), key=lambda k: counts[k])
@@ -214,5 +267,7 @@ def cast_plain(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str
                  options={"dtype": "float16"})
 def write(ckpt: QuantizedCheckpoint, out: Path, options: dict[str, Any]) -> None:
     dtype = DTYPES[options["dtype"]]
-    write_packed_shards(ckpt, out, lambda qt: pack_module(qt, dtype), plain=lambda t: cast_plain(t, dtype))
+    names = expert_names(str(ckpt.config.get("model_type")))
+    write_packed_shards(ckpt, out, lambda qt: pack_module(qt, dtype), plain=lambda t: cast_plain(t, dtype),
+                        regroup=lambda t: stack_experts(t, names))
     write_json(out / "config.json", mlx_config(ckpt))

@@ -199,3 +199,23 @@ def expert_of(linear: str) -> tuple[str, int] | None:
     when ``linear`` is an expert's (by the name ``PerExpertLinears`` gives it)."""
     m = re.match(r"^(.*\.?experts)\.(\d+)\.\w+$", linear)
     return (m.group(1), int(m.group(2))) if m else None
+
+
+def merge_expert_groups(groups: list[list[str]]) -> list[list[str]]:
+    """Linear groups in run order with each experts module's per-expert groups of one projection merged into one,
+    at the first one's place: experts never read each other's outputs, so one calibration pass serves them all
+    (the down projections, each reading its own expert's activation, then come after every gate/up)."""
+    merged: list[list[str]] = []
+    slot: dict[tuple, int] = {}
+    for names in groups:
+        owners = {expert_of(n) for n in names}
+        if None in owners or len({o[0] for o in owners}) != 1:
+            merged.append(list(names))
+            continue
+        key = (next(iter(owners))[0], tuple(sorted(n.rpartition(".")[2] for n in names)))
+        if key in slot:
+            merged[slot[key]].extend(names)
+        else:
+            slot[key] = len(merged)
+            merged.append(list(names))
+    return merged

@@ -57,12 +57,12 @@ def tiny_config(
         _set_present(cfg, {"num_local_experts": experts, "num_experts": experts, "n_routed_experts": experts,
                            "num_experts_per_tok": top_k, "moe_intermediate_size": intermediate // 2,
                            "shared_expert_intermediate_size": intermediate // 2, "n_shared_experts": 1,
-                           "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                           "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
                            "q_lora_rank": hidden // 2, "kv_lora_rank": hidden // 2,
-                           "qk_rope_head_dim": hidden // heads // 2, "qk_nope_head_dim": hidden // heads // 2,
-                           "v_head_dim": hidden // heads})
-        if hasattr(cfg, "qk_rope_head_dim"):  # MLA: RoPE covers the rotary part of each head only
-            cfg.head_dim = cfg.qk_rope_head_dim
+                           "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32})
+        if hasattr(cfg, "qk_rope_head_dim"):  # MLA: RoPE covers the rotary part of each head only, and
+            cfg.head_dim = cfg.qk_rope_head_dim  # kv_b_proj expands the latent to every head
+            cfg.num_key_value_heads = cfg.num_attention_heads
     return cfg
 
 

@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from turboquant.io.experts import expert_of
+from turboquant.io.experts import expert_of, merge_expert_groups
 from turboquant.io.model import OpenedModel
 from turboquant.methods.base import get_method, HESSIAN, make_config, MethodConfig
 from turboquant.methods.gptq import quantize_weight
@@ -56,7 +56,7 @@ def gptq_block(runner: BlockRunner, block: torch.nn.Module, opened: OpenedModel,
                     out[name] = quantize_weight(W, stats[name].H, cfg, name=prefix + name, D=stats[name].D)
             set_weight(block, name, out[name])
 
-    groups = [list(g.linears) for g in runner.groups(block)]
+    groups = merge_expert_groups([list(g.linears) for g in runner.groups(block)])
     true_sequential = module_config(config, prefix + groups[0][0]).true_sequential
     if true_sequential and opened.arch.layout is not None:
         return out, run_staged(runner, block, opened.arch.layout, groups, solve, reference)
